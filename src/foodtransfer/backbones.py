@@ -1,0 +1,117 @@
+"""The ImageNet backbones we compare, each with the preprocessing Keras expects for it.
+
+Every backbone model built here takes raw RGB pixels in 0..255 (float or uint8): the exact
+preprocessing is a layer inside the model, so the cached features, the fine-tuned model and the
+model logged to MLflow all see images the same way.
+
+- EfficientNet (V1 and V2) and ConvNeXt carry their preprocessing inside the Keras model
+  (``include_preprocessing=True``, the default): 0..255 in.
+- MobileNetV2 expects [-1, 1]: ``Rescaling(1/127.5, offset=-1)``.
+- ResNet50 and VGG16 expect "caffe" inputs: BGR order, ImageNet channel means subtracted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from foodtransfer import config
+from foodtransfer.errors import UserError
+
+
+@keras.saving.register_keras_serializable(package="foodtransfer")
+class CaffePreprocess(keras.layers.Layer):
+    """RGB 0..255 -> BGR minus the ImageNet means (``imagenet_utils`` "caffe" mode)."""
+
+    MEANS_BGR = (103.939, 116.779, 123.68)
+
+    def call(self, inputs):  # noqa: D401 - Keras API
+        x = keras.ops.cast(inputs, "float32")
+        x = keras.ops.flip(x, axis=-1)
+        return x - keras.ops.convert_to_tensor(self.MEANS_BGR, dtype="float32")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: Callable[..., keras.Model]
+    default_size: int
+    preprocessing: str  # "builtin" | "mobilenet" | "caffe"
+    constructor_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def preprocess_layer(self) -> keras.layers.Layer | None:
+        if self.preprocessing == "mobilenet":
+            return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+        if self.preprocessing == "caffe":
+            return CaffePreprocess(name="preprocess")
+        return None
+
+
+A = keras.applications
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("EfficientNetV2B0", A.EfficientNetV2B0, 224, "builtin",
+                 (("include_preprocessing", True),)),
+        Backbone("EfficientNetV2B1", A.EfficientNetV2B1, 240, "builtin",
+                 (("include_preprocessing", True),)),
+        Backbone("EfficientNetB0", A.EfficientNetB0, 224, "builtin"),
+        Backbone("EfficientNetB3", A.EfficientNetB3, 300, "builtin"),
+        Backbone("MobileNetV2", A.MobileNetV2, 224, "mobilenet"),
+        Backbone("ResNet50", A.ResNet50, 224, "caffe"),
+        Backbone("VGG16", A.VGG16, 224, "caffe"),
+        Backbone("ConvNeXtTiny", A.ConvNeXtTiny, 224, "builtin",
+                 (("include_preprocessing", True),)),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") \
+            from None
+
+
+def _keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def build_backbone(name: str, weights: str, image_size: int) -> keras.Model:
+    """The backbone without its top, inputs ``(image_size, image_size, 3)`` in its own scale.
+
+    ``weights``: ``imagenet`` (Keras downloads and caches it in ~/.keras/models), ``none`` or
+    a path to a weights file.
+    """
+    spec = get_backbone(name)
+    keras_weights: str | None = None if weights == "none" else weights
+    if keras_weights not in (None, "imagenet") and not Path(keras_weights).is_file():
+        raise UserError(f"weights = {weights!r}: no such file. Set weights to an existing file, "
+                        "'imagenet' or 'none'.")
+    try:
+        return spec.constructor(include_top=False, weights=keras_weights,
+                                input_shape=(image_size, image_size, 3),
+                                **dict(spec.constructor_kwargs))
+    except Exception as error:  # Keras raises bare Exceptions for fetch failures
+        if keras_weights == "imagenet":
+            raise UserError(
+                f"could not get the ImageNet weights of {name} ({type(error).__name__}: "
+                f"{error}). Keras downloads them once into {_keras_cache_dir()}; offline, put "
+                "the file named in that message there, or set weights to the path of a "
+                "weights file (or 'none' for random weights)."
+            ) from error
+        if keras_weights is not None:
+            raise UserError(
+                f"could not load weights file {keras_weights!r} into {name} ({error}). Is it a "
+                f"{name} weights file without the top (include_top=False)?"
+            ) from error
+        raise
+
+
+if tuple(BACKBONES) != config.BACKBONES:  # the two lists must name the same backbones
+    raise ImportError("foodtransfer.config.BACKBONES is out of sync with backbones.BACKBONES")

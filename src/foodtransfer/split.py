@@ -1,0 +1,53 @@
+"""Stratified, seeded train/validation split of the trimmed train images; the official test
+images stay the held-out test set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from foodtransfer.atomic import atomic_dir, write_text
+from foodtransfer.errors import DataError
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction: float,
+          seed: int) -> dict[str, dict[str, int]]:
+    """Write ``out_dir/{train,val,test}.csv`` (rows point into the trimmed stores) and class
+    counts per split to ``metrics_path``."""
+    pool = pd.read_csv(trimmed_dir / "train.csv").assign(store="train")
+    test = pd.read_csv(trimmed_dir / "test.csv").assign(store="test")
+    per_class = pool["label"].value_counts()
+    if (per_class < 2).any() or round(len(pool) * val_fraction) < per_class.size:
+        raise DataError(
+            f"data.val_fraction = {val_fraction} leaves some class without a validation image "
+            f"({len(pool)} train images, {per_class.size} classes). Raise data.samples_per_class "
+            "or data.val_fraction."
+        )
+    train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
+                                  stratify=pool["label"])
+    frames = {"train": train.sort_values("index"), "val": val.sort_values("index"), "test": test}
+    counts = {name: {str(k): int(v) for k, v in frame["class_name"].value_counts()
+                     .sort_index().items()} for name, frame in frames.items()}
+    with atomic_dir(out_dir) as tmp:
+        for name, frame in frames.items():
+            frame[["store", "index", "image_id", "class_name", "label"]].to_csv(
+                tmp / f"{name}.csv", index=False)
+    summary = {f"{name}_images": int(len(frame)) for name, frame in frames.items()}
+    summary["classes"] = int(per_class.size)
+    summary["per_class"] = counts
+    write_text(metrics_path, json.dumps(summary, indent=2) + "\n")
+    return counts
+
+
+def data_version(split_dir: Path) -> str:
+    """A short hash of the split manifests: the same data gives the same version anywhere."""
+    digest = hashlib.sha256()
+    for name in SPLIT_NAMES:
+        digest.update((split_dir / f"{name}.csv").read_bytes())
+    return digest.hexdigest()[:12]
