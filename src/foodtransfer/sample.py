@@ -86,7 +86,7 @@ def build_sample_archive(destination: Path, classes: list[str], config: SampleCo
     counts: dict[str, int] = {}
     bad = {(classes[c % len(classes)], position): kind for c, position, kind in BAD_FILES}
     with atomic_file(destination, "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w|", format=tarfile.GNU_FORMAT) as tar, \
             progress(total=per_class * len(classes), desc="sample images", unit=" img",
                      enabled=show_progress) as bar:

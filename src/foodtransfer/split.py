@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +24,12 @@ def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction:
     pool = pd.read_csv(trimmed_dir / "train.csv").assign(store="train")
     test = pd.read_csv(trimmed_dir / "test.csv").assign(store="test")
     per_class = pool["label"].value_counts()
-    if (per_class < 2).any() or round(len(pool) * val_fraction) < per_class.size:
+    n_val = math.ceil(val_fraction * len(pool))  # as train_test_split counts it
+    if (per_class < 2).any() or min(n_val, len(pool) - n_val) < per_class.size:
         raise DataError(
-            f"data.val_fraction = {val_fraction} leaves some class without a validation image "
-            f"({len(pool)} train images, {per_class.size} classes). Raise data.samples_per_class "
-            "or data.val_fraction."
+            f"data.val_fraction = {val_fraction} leaves some class without a training or "
+            f"validation image ({len(pool)} train images, {per_class.size} classes). Raise "
+            "data.samples_per_class, or move data.val_fraction towards 0.5."
         )
     train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
                                   stratify=pool["label"])

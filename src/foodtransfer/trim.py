@@ -124,7 +124,9 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
                             kept += 1
                             bar.update(1)
                     counts[split][class_name] = kept
-                    if kept < need and not allow_fewer:
+                    # "all" asks for every usable image: skipped files are no shortfall.
+                    short = kept < need and (wanted[split] != "all" or kept == 0)
+                    if short and not allow_fewer:
                         skipped = sum(1 for r in report if r["action"] == "skipped"
                                       and r["image_id"].startswith(f"{class_name}/")
                                       and r["split"] == split)

@@ -1,0 +1,78 @@
+"""Shared fixtures. Keep this file small: fixtures used by one test module live in that module.
+
+Data fixtures (prefix ``sample_``) build a tiny generated Food-101 stand-in once per session:
+3 classes, 12 train + 4 test images per class, 16-40 px. Tests must not modify what a
+session-scoped fixture returns; copy it first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from foodtransfer.config import SampleConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Progress bars off, whatever the terminal.
+os.environ["FOODTRANSFER_PROGRESS"] = "0"
+
+
+# --------------------------------------------------------------------------- data fixtures
+
+SAMPLE_CLASSES = ["pizza", "sushi", "tacos"]
+SAMPLE_SEED = 7
+# Class 0 (pizza) gets an empty and a truncated file in its train list, class 1 (sushi) a PNG
+# named .jpg (foodtransfer.sample.BAD_FILES): pizza has 10 usable train images, the others 12.
+SAMPLE_CONFIG = SampleConfig(train_per_class=12, test_per_class=4, min_side=16, max_side=40)
+
+
+@pytest.fixture(scope="session")
+def sample_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated sample .tar.gz (SAMPLE_CLASSES, SAMPLE_CONFIG, SAMPLE_SEED). Read-only."""
+    from foodtransfer.sample import build_sample_archive
+
+    path = tmp_path_factory.mktemp("sample") / "food-101-sample.tar.gz"
+    build_sample_archive(path, SAMPLE_CLASSES, SAMPLE_CONFIG, SAMPLE_SEED, show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_raw_dir(sample_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sample_archive`` extracted as the download stage does. Read-only."""
+    from foodtransfer.download import extract
+
+    raw = tmp_path_factory.mktemp("sample_raw") / "raw"
+    extract(sample_archive, raw, list(SAMPLE_CLASSES), show_progress=False)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def sample_trimmed_dir(sample_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sample_raw_dir`` trimmed to 10 train + 3 test images per class at 16 px. Read-only."""
+    from foodtransfer.trim import trim
+
+    out = tmp_path_factory.mktemp("sample_trimmed") / "trimmed"
+    trim(sample_raw_dir, out, classes=list(SAMPLE_CLASSES), samples_per_class=10,
+         test_per_class=3, allow_fewer=False, image_size=16, seed=SAMPLE_SEED, workers=1,
+         show_progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------ params fixtures
+
+@pytest.fixture
+def write_params(tmp_path: Path) -> Callable[..., Path]:
+    """Write a params.yaml into tmp_path: ``write_params({"seed": 1}, name="p.yaml")``."""
+
+    def write(raw: dict[str, Any], name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return write
