@@ -23,16 +23,18 @@ from foodtransfer import config
 from foodtransfer.errors import UserError
 
 
-@keras.saving.register_keras_serializable(package="foodtransfer")
-class CaffePreprocess(keras.layers.Layer):
-    """RGB 0..255 -> BGR minus the ImageNet means (``imagenet_utils`` "caffe" mode)."""
+CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
 
-    MEANS_BGR = (103.939, 116.779, 123.68)
 
-    def call(self, inputs):  # noqa: D401 - Keras API
-        x = keras.ops.cast(inputs, "float32")
-        x = keras.ops.flip(x, axis=-1)
-        return x - keras.ops.convert_to_tensor(self.MEANS_BGR, dtype="float32")
+def caffe_preprocess_layer() -> keras.layers.Layer:
+    """RGB 0..255 -> BGR minus the ImageNet means (``imagenet_utils`` "caffe" mode) as a fixed
+    1x1 convolution: a built-in layer, so saved models load without custom code."""
+    permutation = [[[[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]]  # out[c] = in[2-c]
+    return keras.layers.Conv2D(
+        3, 1, name="preprocess", trainable=False,
+        kernel_initializer=keras.initializers.Constant(permutation),
+        bias_initializer=keras.initializers.Constant([-m for m in CAFFE_MEANS_BGR]),
+    )
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Backbone:
         if self.preprocessing == "mobilenet":
             return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
         if self.preprocessing == "caffe":
-            return CaffePreprocess(name="preprocess")
+            return caffe_preprocess_layer()
         return None
 
 

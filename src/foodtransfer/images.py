@@ -59,8 +59,9 @@ def decode_image(path: str | os.PathLike[str], size: int) -> Decoded:
         return Decoded(None, f"corrupt or truncated image ({error})")
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    text = "{'descr': '|u1', 'fortran_order': False, 'shape': %r, }" % (shape,)
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.uint8)) -> bytes:
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(dtype), shape)
     body_length = HEADER_BYTES - 10
     body = text.ljust(body_length - 1) + "\n"
     if len(body) != body_length:
@@ -68,32 +69,44 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_length) + body.encode("latin1")
 
 
-class ImageStoreWriter:
-    """Append images to a .npy file one at a time; :meth:`close` fixes the count."""
+class NpyWriter:
+    """Append rows of a fixed shape and dtype to a .npy file; :meth:`close` fixes the count.
 
-    def __init__(self, path: Path, size: int) -> None:
+    Memory stays flat whatever the number of rows: nothing is kept after it is written."""
+
+    def __init__(self, path: Path, item_shape: tuple[int, ...], dtype: str = "uint8") -> None:
         self.path = path
-        self.size = size
+        self.item_shape = tuple(item_shape)
+        self.dtype = np.dtype(dtype)
         self.count = 0
         self._handle = open(path, "wb")
-        self._handle.write(_npy_header((0, size, size, 3)))
+        self._handle.write(_npy_header((0, *self.item_shape), self.dtype))
 
-    def append(self, pixels: np.ndarray) -> int:
-        if pixels.shape != (self.size, self.size, 3) or pixels.dtype != np.uint8:
-            raise ValueError(f"expected uint8 {(self.size, self.size, 3)}, got "
-                             f"{pixels.dtype} {pixels.shape}")
-        self._handle.write(np.ascontiguousarray(pixels).tobytes())
+    def append(self, item: np.ndarray) -> int:
+        """Write one row; returns its index."""
+        if item.shape != self.item_shape or item.dtype != self.dtype:
+            raise ValueError(f"expected {self.dtype} {self.item_shape}, got "
+                             f"{item.dtype} {item.shape}")
+        self._handle.write(np.ascontiguousarray(item).tobytes())
         self.count += 1
         return self.count - 1
 
+    def extend(self, items: np.ndarray) -> None:
+        """Write a batch of rows."""
+        if items.shape[1:] != self.item_shape or items.dtype != self.dtype:
+            raise ValueError(f"expected {self.dtype} (n, {self.item_shape}), got "
+                             f"{items.dtype} {items.shape}")
+        self._handle.write(np.ascontiguousarray(items).tobytes())
+        self.count += len(items)
+
     def close(self) -> None:
         self._handle.seek(0)
-        self._handle.write(_npy_header((self.count, self.size, self.size, 3)))
+        self._handle.write(_npy_header((self.count, *self.item_shape), self.dtype))
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
 
-    def __enter__(self) -> ImageStoreWriter:
+    def __enter__(self) -> NpyWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -101,6 +114,14 @@ class ImageStoreWriter:
             self.close()
         else:
             self._handle.close()
+
+
+class ImageStoreWriter(NpyWriter):
+    """Append ``size`` x ``size`` RGB uint8 images to a .npy store."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__(path, (size, size, 3), "uint8")
+        self.size = size
 
 
 class ImageStore:

@@ -8,6 +8,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+# No monitor thread: stages fork decoding workers, and a thread alive at fork time can leave
+# a lock held in the child.
+tqdm.monitor_interval = 0
+
 
 def progress_enabled() -> bool:
     if os.environ.get("FOODTRANSFER_PROGRESS") in ("0", "1"):

@@ -25,10 +25,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter (oneDNN, CPU feature notes) out of the way;
-    Python warnings and errors still show."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    """Keep TensorFlow's C++ log lines out of the way (start-up notes, and a spurious
+    "NodeDef mentions attribute use_unbounded_threadpool" error that tf.data prints on every
+    run of TF 2.21). Python warnings and exceptions still show; set TF_CPP_MIN_LOG_LEVEL=0 to
+    see every C++ line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def run_stage(name: str, body: Callable[[], str]) -> None:

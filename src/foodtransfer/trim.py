@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import os
 import zlib
 from dataclasses import dataclass
@@ -98,7 +99,9 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
                 for s in SPLITS for c in class_names)
     decode = partial(_decode, images_dir=images_dir, size=image_size)
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with atomic_dir(out_dir) as tmp, context.Pool(workers) as pool, \
+    # An executor, not multiprocessing.Pool: Pool.__exit__ terminates its workers, which can
+    # deadlock on the task queue's lock; the executor's shutdown waits for them cleanly.
+    with atomic_dir(out_dir) as tmp, ProcessPoolExecutor(workers, mp_context=context) as pool, \
             progress(total=total, desc="decode", unit=" img", enabled=show_progress) as bar:
         for split in SPLITS:
             rows = []
@@ -110,7 +113,7 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
                     while kept < need and position < len(order):
                         window = order[position:position + min(need - kept, WINDOW)]
                         position += len(window)
-                        for image_id, decoded in zip(window, pool.imap(decode, window, 4)):
+                        for image_id, decoded in zip(window, pool.map(decode, window, chunksize=4)):
                             if decoded.pixels is None:
                                 report.append({"split": split, "image_id": image_id,
                                                "action": "skipped", "reason": decoded.reason})

@@ -1,0 +1,153 @@
+"""Model builders for the four variants.
+
+- ``build_baseline``: a small CNN trained from scratch on the images.
+- ``build_feature_extractor``: preprocessing + frozen backbone + global average pooling; run
+  once by the features stage.
+- ``build_head``: the classifier trained on cached features (transfer: no dropout and no
+  regulariser; dropout: ``Dropout`` + L1L2).
+- ``build_image_classifier``: extractor + head as one image -> probabilities model (what MLflow
+  logs and fine-tuning trains), with ``unfreeze_top`` choosing the trainable top of the backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import keras
+
+from foodtransfer.backbones import build_backbone, get_backbone
+
+BACKBONE_LAYER = "backbone"
+
+
+def image_input(image_size: int) -> keras.KerasTensor:
+    """Raw RGB pixels in 0..255 (float32); every model built here takes these."""
+    return keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+
+
+def augmentation(seed: int) -> keras.Sequential:
+    """Random flip, rotation, zoom and translation: active in training only (Keras layers are
+    identities at inference)."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(0.1, seed=seed + 1),
+        keras.layers.RandomZoom(0.1, seed=seed + 2),
+        keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 3),
+    ], name="augmentation")
+
+
+def build_baseline(num_classes: int, image_size: int, *, input_size: int, augment: bool,
+                   seed: int) -> keras.Model:
+    """[[Conv2D-ReLU] x2 -> MaxPool -> Dropout] x2 -> global pooling -> Dense -> Dropout ->
+    softmax, on images resized to ``image_size``."""
+    inputs = image_input(input_size)
+    x = inputs
+    if image_size != input_size:
+        x = keras.layers.Resizing(image_size, image_size, name="resize")(x)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    if augment:
+        x = augmentation(seed)(x)
+    for filters in (32, 64):
+        for _ in range(2):
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+        x = keras.layers.Dropout(0.25)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    x = keras.layers.Dropout(0.5)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="baseline")
+
+
+def build_feature_extractor(backbone: str, weights: str, image_size: int) -> keras.Model:
+    """image (0..255) -> preprocessing -> frozen backbone (inference mode) -> pooled features."""
+    base = build_backbone(backbone, weights, image_size)
+    base.name = BACKBONE_LAYER
+    base.trainable = False
+    inputs = image_input(image_size)
+    x = inputs
+    preprocess = get_backbone(backbone).preprocess_layer()
+    if preprocess is not None:
+        x = preprocess(x)
+    # training=False keeps BatchNormalization in inference mode, also when fine-tuning.
+    x = base(x, training=False)
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_features")
+
+
+def build_head(feature_dim: int, num_classes: int, *, dropout: float = 0.0, l1: float = 0.0,
+               l2: float = 0.0) -> keras.Model:
+    """features -> [Dropout] -> Dense softmax, with an optional L1L2 kernel regulariser."""
+    inputs = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
+    regularizer = keras.regularizers.L1L2(l1=l1, l2=l2) if (l1 or l2) else None
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier",
+                                 kernel_regularizer=regularizer)(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def build_image_classifier(extractor: keras.Model, head: keras.Model, *,
+                           augment: bool = False, seed: int = 0) -> keras.Model:
+    """One model from raw images to class probabilities, sharing the extractor's and the
+    head's layers (and so their weights)."""
+    image_size = extractor.input_shape[1]
+    inputs = image_input(image_size)
+    x = augmentation(seed)(inputs) if augment else inputs
+    outputs = head(extractor(x))
+    return keras.Model(inputs, outputs, name="image_classifier")
+
+
+def get_backbone_model(model: keras.Model) -> keras.Model:
+    """The backbone sub-model inside an extractor or an image classifier."""
+    for layer in model.layers:
+        if layer.name == BACKBONE_LAYER:
+            return layer
+        if isinstance(layer, keras.Model):
+            try:
+                return get_backbone_model(layer)
+            except ValueError:
+                continue
+    raise ValueError(f"no '{BACKBONE_LAYER}' layer in model {model.name}")
+
+
+def unfreeze_top(backbone: keras.Model, unfreeze: int | Literal["all"]) -> int:
+    """Make the top ``unfreeze`` layers of ``backbone`` (or all) trainable, keeping every
+    BatchNormalization layer frozen. Returns the number of layers made trainable.
+
+    The caller must recompile the model afterwards for the change to take effect.
+    """
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    count = len(layers) if unfreeze == "all" else min(int(unfreeze), len(layers))
+    backbone.trainable = True
+    trainable = 0
+    for position, layer in enumerate(layers):
+        on_top = position >= len(layers) - count
+        layer.trainable = on_top and not isinstance(layer, keras.layers.BatchNormalization)
+        trainable += int(layer.trainable)
+    return trainable
+
+
+def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+                   ) -> keras.optimizers.Optimizer:
+    optimizers = {"nadam": keras.optimizers.Nadam, "adam": keras.optimizers.Adam,
+                  "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    return optimizers[name](learning_rate=learning_rate)
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       num_classes: int) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+    )
+
+
+def parameter_counts(model: keras.Model) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+    total = sum(int(keras.ops.size(w)) for w in model.weights)
+    return total, trainable

@@ -1,0 +1,228 @@
+"""Everything MLflow: the store, one run per variant, params, per-epoch metrics, artifacts, model.
+
+The default store is ``sqlite:///<project>/mlruns/mlflow.db`` with artifacts under
+``<project>/mlruns/artifacts``, where ``<project>`` is ``DVC_ROOT`` when DVC runs the stage (so
+``dvc exp run`` in a temporary workspace still logs to the project's store) and the working
+directory otherwise. ``MLFLOW_TRACKING_URI`` overrides it (a team's tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from foodtransfer.errors import TrackingError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def default_store_dir() -> Path:
+    return project_root() / "mlruns"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def _is_locked(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry_on_lock(function: Callable[..., T], attempts: int = 12) -> Callable[..., T]:
+    """Retry an MLflow call that failed on SQLite's writer lock (parallel `dvc queue` runs)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(attempts):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:  # MLflow wraps sqlite3.OperationalError variously
+                if not _is_locked(error) or attempt == attempts - 1:
+                    raise
+                time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _check_default_store(store: Path) -> None:
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        probe = store / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+        database = store / "mlflow.db"
+        if database.exists():
+            with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+    except (OSError, sqlite3.Error) as error:
+        if isinstance(error, sqlite3.OperationalError) and _is_locked(error):
+            return  # another writer holds it right now: that is not a broken store
+        raise TrackingError(
+            f"The MLflow store {store} is not writable ({error}). Fix its permissions, free "
+            "disk space, or set MLFLOW_TRACKING_URI to a tracking server you can write to."
+        ) from error
+
+
+def connect(experiment: str) -> str:
+    """Point MLflow at the store and the experiment, failing fast (before any training) when
+    the store cannot be written. Returns the experiment id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        _check_default_store(default_store_dir())
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient()
+        found = retry_on_lock(client.get_experiment_by_name)(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            location = None
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                location = (default_store_dir() / "artifacts").as_uri()
+            try:
+                experiment_id = retry_on_lock(client.create_experiment)(
+                    experiment, artifact_location=location)
+            except Exception:  # created meanwhile by a parallel run
+                found = retry_on_lock(client.get_experiment_by_name)(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
+    except TrackingError:
+        raise
+    except Exception as error:
+        raise TrackingError(
+            f"Cannot use the MLflow tracking store {uri} ({type(error).__name__}: {error}). "
+            "Check MLFLOW_TRACKING_URI (unset it to use the project's mlruns/ store), the "
+            "server, and the permissions of mlruns/."
+        ) from error
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Hide MLflow's advice that does not apply here (type hints for predict, cloudpickle of a
+    class that holds no state); its errors still show."""
+    import warnings
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class VariantRun:
+    """Logging for one variant's MLflow run; every call retries on SQLite's lock."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        import mlflow
+
+        step = int(row["epoch"])
+        values = {key: float(value) for key, value in row.items() if key != "epoch"}
+        retry_on_lock(mlflow.log_metrics)(values, step=step)
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.log_metrics)({k: float(v) for k, v in values.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.log_artifact)(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.set_tags)(tags)
+
+    def log_model(self, model_path: Path, class_names_path: Path, example: Any) -> str:
+        """Log the saved Keras model as a pyfunc (raw RGB 0..255 in, a DataFrame of class
+        probabilities out) with its signature and an input example; returns the model URI."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        import foodtransfer
+
+        with _quiet_mlflow():
+            from foodtransfer.pyfunc_model import ImageClassifierModel
+        wrapper = ImageClassifierModel()
+        wrapper.load_context(type("Context", (), {"artifacts": {
+            "keras_model": str(model_path), "class_names": str(class_names_path)}})())
+        signature = infer_signature(example, wrapper.predict(None, example))
+        with _quiet_mlflow():
+            info = retry_on_lock(mlflow.pyfunc.log_model)(
+                name="model", python_model=ImageClassifierModel(),  # unloaded: pickles small
+                artifacts={"keras_model": str(model_path),
+                           "class_names": str(class_names_path)},
+                code_paths=[str(Path(foodtransfer.__file__).parent)],
+                signature=signature, input_example=example,
+            )
+        self.set_tags({"model_uri": info.model_uri})
+        return info.model_uri
+
+
+@contextlib.contextmanager
+def variant_run(experiment: str, variant: str, params: dict[str, Any],
+                tags: dict[str, str]) -> Iterator[VariantRun]:
+    """Start the MLflow run of ``variant``; it ends FINISHED, or FAILED on any exception
+    (SIGTERM included: stages turn it into an exception), never RUNNING forever."""
+    import mlflow
+
+    connect(experiment)
+    root = project_root()
+    all_tags = {"variant": variant, "data_version": tags.pop("data_version", "unknown")}
+    commit = git_commit(root)
+    if commit:
+        all_tags["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    all_tags.update(tags)
+    run = retry_on_lock(mlflow.start_run)(run_name=variant, tags=all_tags)
+    status = "FAILED"
+    try:
+        retry_on_lock(mlflow.log_params)({k: ("null" if v is None else v)
+                                          for k, v in params.items()})
+        yield VariantRun(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        retry_on_lock(mlflow.end_run)(status=status)
+        log.info("MLflow run %s (%s) %s in %s", run.info.run_id, variant, status.lower(),
+                 tracking_uri())

@@ -1,0 +1,226 @@
+"""End to end: `dvc repro` and `dvc exp run -S dropout=0.3` on a tiny generated sample in a
+temporary git repository, then a look at everything they produced: DVC metrics and plots files,
+the MLflow runs (params, per-epoch metrics, tags, artifacts) and the logged models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "transfer", "dropout", "finetune")
+ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS)
+
+TINY = {
+    "image_size": 32, "backbone": "MobileNetV2", "weights": "none", "batch_size": 16,
+    "epochs": 3, "patience": 2,
+    "data": {"source": "sample", "classes": ["apple_pie", "pizza", "sushi", "tacos"],
+             "samples_per_class": 30, "test_per_class": 8,
+             "sample": {"train_per_class": 34, "test_per_class": 10, "min_side": 24,
+                        "max_side": 56}},
+    "baseline": {"epochs": 4, "image_size": 32},
+    "fine_tune": {"epochs": 1, "unfreeze": 5},
+    "mlflow": {"experiment": "e2e"},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return merged
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z]+)'", output))
+
+
+def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC repository holding the project's pipeline with tiny params."""
+    repo = root / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    for name in ("pipeline", "src"):
+        shutil.copytree(PROJECT / name, repo / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = _merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               FOODTRANSFER_PROGRESS="0", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+               DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "pipeline"], repo, env)
+    return repo, env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    repo, env = make_repo(tmp_path_factory.mktemp("e2e"), TINY)
+    first = run(["dvc", "repro"], repo, env)
+    snapshot = {v: json.loads((repo / f"metrics/{v}.json").read_text()) for v in VARIANTS}
+    second = run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline run"], repo, env)
+    experiment = run(["dvc", "exp", "run", "-S", "dropout=0.3", "-n", "drop03"], repo, env)
+    return {"repo": repo, "env": env, "first": first, "second": second,
+            "experiment": experiment, "first_metrics": snapshot}
+
+
+def mlflow_runs(repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    assert experiment is not None, "the experiment named in params was not created"
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, experiment, runs
+
+
+def test_repro_runs_every_stage_then_nothing(pipeline):
+    assert stages_run(pipeline["first"].stdout) == set(ALL_STAGES)
+    assert stages_run(pipeline["second"].stdout) == set()
+    for stage in ALL_STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in pipeline["second"].stdout
+
+
+def test_exp_run_reruns_only_dropout_and_finetune(pipeline):
+    assert stages_run(pipeline["experiment"].stdout) == {"dropout", "finetune"}
+    show = run(["dvc", "exp", "show", "--json"], pipeline["repo"], pipeline["env"])
+    text = show.stdout
+    assert "drop03" in text and "test_accuracy" in text
+    data = json.loads(text)
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") == "drop03":
+                found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(data)
+    assert found, "experiment drop03 missing from dvc exp show"
+    params = json.dumps(found[0])
+    assert '"dropout": 0.3' in params
+
+
+def test_metrics_and_plots_files(pipeline):
+    repo = pipeline["repo"]
+    for variant in VARIANTS:
+        metrics = json.loads((repo / f"metrics/{variant}.json").read_text())
+        for key in ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "test_loss",
+                    "val_accuracy", "epochs_run", "best_epoch", "seconds_per_epoch",
+                    "total_params", "trainable_params"):
+            assert key in metrics, f"{variant}: {key} missing"
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        assert set(metrics["per_class"]) == set(TINY["data"]["classes"])
+        history = pd.read_csv(repo / f"plots/{variant}/history.csv")
+        assert len(history) == metrics["epochs_run"] >= 1
+        assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
+        predictions = pd.read_csv(repo / f"plots/{variant}/predictions.csv")
+        assert len(predictions) == 4 * TINY["data"]["test_per_class"]
+        assert set(predictions["actual"]) == set(TINY["data"]["classes"])
+        for name in ("learning_curves.png", "confusion.png", "classification_report.txt"):
+            assert (repo / f"artifacts/{variant}/{name}").stat().st_size > 0
+    baseline = json.loads((repo / "metrics/baseline.json").read_text())
+    assert "untrained_test_accuracy" in baseline
+    # The sample carries a learnable signal: the CNN from scratch beats chance (0.25) clearly.
+    assert baseline["val_accuracy"] >= 0.5, baseline
+    finetune = json.loads((repo / "metrics/finetune.json").read_text())
+    dropout = pipeline["first_metrics"]["dropout"]
+    assert finetune["first_epoch"] == dropout["epochs_run"] + 1  # curves continue
+    assert finetune["trainable_params"] > dropout["trainable_params"]
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert split["test_images"] == 4 * TINY["data"]["test_per_class"]
+    assert split["train_images"] + split["val_images"] == 4 * TINY["data"]["samples_per_class"]
+
+
+def test_dvc_metrics_and_plots_commands(pipeline):
+    repo, env = pipeline["repo"], pipeline["env"]
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
+    for variant in VARIANTS:
+        assert f"metrics/{variant}.json" in shown
+    out = repo / "plots_html"
+    run(["dvc", "plots", "show", "-o", str(out)], repo, env)
+    page = (out / "index.html").read_text()
+    assert "val_accuracy" in page and "confusion" in page.lower()
+
+
+def test_mlflow_runs(pipeline):
+    repo = pipeline["repo"]
+    client, experiment, runs = mlflow_runs(repo)
+    assert experiment.artifact_location.startswith((repo / "mlruns").as_uri())
+    names = [r.info.run_name for r in runs]
+    # One run per variant per execution: four from repro, two from the experiment.
+    assert sorted(names) == sorted([*VARIANTS, "dropout", "finetune"])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run_ in runs:
+        tags, params = run_.data.tags, run_.data.params
+        assert tags["variant"] == run_.info.run_name
+        assert re.fullmatch(r"[0-9a-f]{12}", tags["data_version"])
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"])
+        assert params["backbone"] == "MobileNetV2"
+        assert params["data.samples_per_class"] == "30"
+        assert "test_accuracy" in run_.data.metrics
+        history = client.get_metric_history(run_.info.run_id, "val_loss")
+        assert len(history) >= 1
+        if run_.info.run_name in ("transfer", "dropout", "baseline"):
+            assert len(history) >= 2, "per-epoch metrics missing"
+            assert [m.step for m in history] == sorted(m.step for m in history)
+        artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+        assert {"learning_curves.png", "confusion.png", "classification_report.txt",
+                "classes.json"} <= artifacts
+        assert tags.get("model_uri"), "model not logged"
+    experiment_runs = [r for r in runs if r.data.tags.get("dvc_exp_name") == "drop03"]
+    assert sorted(r.info.run_name for r in experiment_runs) == ["dropout", "finetune"]
+    assert {r.data.params["dropout"] for r in experiment_runs} == {"0.3"}
+    first_dropout = next(r for r in runs if r.info.run_name == "dropout")
+    assert first_dropout.data.params["dropout"] == "0.6"
+
+
+def test_logged_model_predicts_raw_images(pipeline):
+    import mlflow
+
+    from foodtransfer.images import ImageStore
+
+    repo = pipeline["repo"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    try:
+        _, _, runs = mlflow_runs(repo)
+        images = ImageStore(repo / "data/trimmed/test.npy").read([0, 1, 2]).astype("float32")
+        for run_ in runs[:4]:
+            model = mlflow.pyfunc.load_model(run_.data.tags["model_uri"])
+            probabilities = model.predict(images)
+            assert list(probabilities.columns) == TINY["data"]["classes"]
+            np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-4)
+    finally:
+        mlflow.set_tracking_uri(None)
