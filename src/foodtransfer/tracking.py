@@ -34,8 +34,19 @@ def default_store_dir() -> Path:
     return project_root() / "mlruns"
 
 
+def default_tracking_uri() -> str:
+    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def custom_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when it names another store than the project's own. (MLflow's
+    set_tracking_uri also sets that variable, so it may hold our default.)"""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri != default_tracking_uri() else None
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+    return custom_tracking_uri() or default_tracking_uri()
 
 
 def _is_locked(error: BaseException) -> bool:
@@ -87,7 +98,8 @@ def connect(experiment: str) -> str:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    custom = custom_tracking_uri() is not None
+    if not custom:
         _check_default_store(default_store_dir())
     mlflow.set_tracking_uri(uri)
     try:
@@ -97,7 +109,7 @@ def connect(experiment: str) -> str:
             experiment_id = found.experiment_id
         else:
             location = None
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
+            if not custom:
                 location = (default_store_dir() / "artifacts").as_uri()
             try:
                 experiment_id = retry_on_lock(client.create_experiment)(
