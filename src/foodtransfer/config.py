@@ -82,6 +82,9 @@ class FineTuneConfig:
     # A number of top backbone layers to unfreeze, or "all".
     unfreeze: int | Literal["all"] = field(default=30, metadata=_range(1))
     augment: bool = False
+    # Compute the frozen bottom of the backbone once and train only the top on its cached
+    # output (exact; applies when augment is false and unfreeze leaves a frozen bottom).
+    cache_frozen: bool = True
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,28 @@ def parameter_counts(model: keras.Model) -> tuple[int, int]:
     trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
     total = sum(int(keras.ops.size(w)) for w in model.weights)
     return total, trainable
+
+
+def split_frozen_bottom(backbone: keras.Model) -> tuple[keras.Model, keras.Model] | None:
+    """Cut ``backbone`` below its lowest trainable layer into (frozen bottom, top) models that
+    share its layers, or None when no cut exists (everything trainable, or a skip connection
+    crosses every candidate cut). ``top(bottom(x))`` equals ``backbone(x)``.
+
+    With the bottom frozen and no augmentation before it, its output for each image never
+    changes during fine-tuning, so it can be computed once and cached like the features.
+    """
+    layers = [layer for layer in backbone.layers
+              if not isinstance(layer, keras.layers.InputLayer)]
+    trainable = [i for i, layer in enumerate(layers) if layer.trainable_weights]
+    if not trainable or trainable[0] == 0:
+        return None
+    for cut in range(trainable[0] - 1, -1, -1):
+        try:
+            top = keras.Model(layers[cut].output, backbone.output, name="backbone_top")
+        except ValueError:  # "not connected": a residual branch crosses this cut
+            continue
+        if not any(layer.weights for layer in layers[:cut + 1]):
+            return None  # nothing but reshaping below the cut: caching saves nothing
+        bottom = keras.Model(backbone.input, layers[cut].output, name="backbone_bottom")
+        return bottom, top
+    return None

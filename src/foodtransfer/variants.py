@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,7 @@ def _finish_image_model(variant: str, model, history: History, params: Params, p
     test_probs = _predict_images(model, paths.trimmed, splits["test"], batch)
     val_probs = _predict_images(model, paths.trimmed, splits["val"], batch)
     test = evaluate(test_probs, splits["test"].labels, class_names)
-    validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="val_")
+    validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
     total, trainable = parameter_counts(model)
     outputs = VariantOutputs(variant, paths, class_names, run)
     metrics = outputs.finish(history=history, test=test, validation=validation,
@@ -254,7 +255,7 @@ def run_head(params: Params, paths: Paths, variant: str) -> str:
         test_probs = predict_array(head, features["test"])
         val_probs = predict_array(head, features["val"])
         test = evaluate(test_probs, splits["test"].labels, class_names)
-        validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="val_")
+        validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
         # The deployable model: raw images in, probabilities out (backbone + trained head).
         extractor = build_feature_extractor(params.backbone, params.weights, params.image_size)
         classifier = build_image_classifier(extractor, head)
@@ -283,7 +284,7 @@ def run_finetune(params: Params, paths: Paths) -> str:
     import keras
 
     from foodtransfer.models import (compile_classifier, get_backbone_model, make_optimizer,
-                                     unfreeze_top)
+                                     split_frozen_bottom, unfreeze_top)
     from foodtransfer.training import fit, learning_rate_for
 
     seed_everything(params.seed)
@@ -294,34 +295,81 @@ def run_finetune(params: Params, paths: Paths) -> str:
         raise DataError(f"{source} is missing: run 'dvc repro dropout' first.")
     model = keras.saving.load_model(source)
     config = params.fine_tune
-    unfrozen = unfreeze_top(get_backbone_model(model), config.unfreeze)
+    backbone = get_backbone_model(model)
+    unfrozen = unfreeze_top(backbone, config.unfreeze)
     if config.augment:
         from foodtransfer.models import augmentation
 
         inputs = keras.Input(model.input_shape[1:], name="image")
         model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
                             name="image_classifier")
+    parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
     dropout_rows = _read_history(paths.plots / "dropout" / "history.csv")
     first_epoch = (int(dropout_rows[-1]["epoch"]) if dropout_rows else 0) + 1
     batch = params.batch_size
     steps = -(-len(splits["train"]) // batch)
     learning_rate = params.learning_rate * config.lr_scale
-    compile_classifier(model, make_optimizer(
-        params.optimizer, learning_rate_for(params.lr_schedule, learning_rate,
-                                            max(1, config.epochs), steps)), len(class_names))
-    train = image_dataset(paths.trimmed, splits["train"], batch, shuffle=True, seed=params.seed)
-    val = image_dataset(paths.trimmed, splits["val"], batch)
+    extra: dict[str, float] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch}
     with _open_run(params, "finetune", paths) as run:
-        run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout"})
-        history = fit(model, train, val, epochs=config.epochs, learning_rate=learning_rate,
-                      optimizer=params.optimizer, lr_schedule=params.lr_schedule,
-                      patience=params.patience, num_classes=len(class_names),
-                      steps_per_epoch=steps, first_epoch=first_epoch, on_epoch=run.log_epoch,
+        if parts is not None:
+            # Exact shortcut: the frozen bottom's output per image never changes, so compute
+            # it once; each epoch then runs only the unfrozen top and the head.
+            started = time.perf_counter()
+            trainable_model, train, val = _cached_bottom_setup(
+                model, *parts, paths, splits, batch, params.seed)
+            extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
+            extra["cached_bottom"] = 1
+        else:
+            trainable_model = model
+            train = image_dataset(paths.trimmed, splits["train"], batch, shuffle=True,
+                                  seed=params.seed)
+            val = image_dataset(paths.trimmed, splits["val"], batch)
+            extra["cached_bottom"] = 0
+        compile_classifier(trainable_model, make_optimizer(
+            params.optimizer, learning_rate_for(params.lr_schedule, learning_rate,
+                                                max(1, config.epochs), steps)),
+            len(class_names))
+        run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout",
+                      "cached_bottom": str(bool(parts))})
+        history = fit(trainable_model, train, val, epochs=config.epochs,
+                      learning_rate=learning_rate, optimizer=params.optimizer,
+                      lr_schedule=params.lr_schedule, patience=params.patience,
+                      num_classes=len(class_names), steps_per_epoch=steps,
+                      first_epoch=first_epoch, on_epoch=run.log_epoch,
                       recompile=False) if config.epochs else History()
+        # The full image model shares every layer with the trained one: evaluate and log it.
         return _finish_image_model("finetune", model, history, params, paths, splits,
-                                   class_names, run, {"unfrozen_layers": unfrozen,
-                                                      "first_epoch": first_epoch},
+                                   class_names, run, extra,
                                    curve_rows=dropout_rows + history.rows)
+
+
+def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Split],
+                         batch: int, seed: int):
+    """(model from the cut to the probabilities, train dataset, validation dataset), the
+    datasets holding the frozen bottom's outputs computed once for every image."""
+    import keras
+    import tensorflow as tf
+
+    from foodtransfer.training import array_dataset
+
+    extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
+    head = model.get_layer("head")
+    names = [layer.name for layer in extractor.layers]
+    image = keras.Input(model.input_shape[1:], name="image")
+    x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
+    bottom_model = keras.Model(image, bottom(x, training=False), name="frozen_bottom")
+    forward = tf.function(lambda images: bottom_model(images, training=False),
+                          reduce_retracing=True)
+    cached = {}
+    for name in ("train", "val"):
+        dataset = image_dataset(paths.trimmed, splits[name], 32, with_labels=False)
+        cached[name] = np.concatenate([forward(images).numpy() for images in dataset])
+    cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
+    outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
+    trainable_model = keras.Model(cut, outputs, name="finetune_top")
+    train = array_dataset(cached["train"], splits["train"].labels, batch, shuffle=True, seed=seed)
+    val = array_dataset(cached["val"], splits["val"].labels, batch)
+    return trainable_model, train, val
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
