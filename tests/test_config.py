@@ -13,7 +13,10 @@ from foodtransfer.config import (
     DEFAULT_CLASSES,
     FOOD101_MD5,
     FOOD101_URL,
+    BaselineConfig,
     DataConfig,
+    FineTuneConfig,
+    MlflowConfig,
     Params,
     SampleConfig,
     flatten,
@@ -288,6 +291,9 @@ def test_flatten_covers_every_field() -> None:
     flat = flatten(Params())
     n_leaves = (len(Params.__dataclass_fields__) - 4  # data, baseline, fine_tune, mlflow
                 + len(DataConfig.__dataclass_fields__) - 1  # data.sample
-                + len(SampleConfig.__dataclass_fields__) + 4 + 4 + 1)
+                + len(SampleConfig.__dataclass_fields__)
+                + len(BaselineConfig.__dataclass_fields__)
+                + len(FineTuneConfig.__dataclass_fields__)
+                + len(MlflowConfig.__dataclass_fields__))
     assert len(flat) == n_leaves
     assert flatten(parse_params({"data": {"classes": "all"}}))["data.classes"] == "all"

@@ -106,8 +106,8 @@ def test_cosine_schedule_decays_to_zero_over_the_run() -> None:
     rates = [row["learning_rate"] for row in history.rows]
     assert len(rates) == epochs
     assert all(b < a for a, b in zip(rates, rates[1:]))
-    # Recorded at the end of each epoch: after epoch e the schedule is at step e * steps.
-    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * e / epochs)) for e in range(1, epochs + 1)]
+    # Recorded as the rate the epoch trains with: epoch e starts at step (e - 1) * steps.
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * e / epochs)) for e in range(epochs)]
     np.testing.assert_allclose(rates, expected, atol=1e-6)
     assert steps == 4
 

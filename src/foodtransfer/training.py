@@ -46,14 +46,16 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._started = time.perf_counter()
+        # The rate this epoch trains with (ReduceLROnPlateau changes it at epoch end).
+        self._learning_rate = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._started
         row: dict[str, float] = {"epoch": self.first_epoch + epoch}
         for key, value in (logs or {}).items():
             row[key] = float(value)
-        optimizer = self.model.optimizer
-        row["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        row["learning_rate"] = self._learning_rate
         self.history.rows.append(row)
         self.history.epoch_seconds.append(seconds)
         if self.on_epoch is not None:
