@@ -1,6 +1,7 @@
 # `make repro`: install into .venv and run the whole pipeline (real Food-101; needs internet).
 # `make repro-sample`: the same pipeline offline, on the generated sample.
 # `make test`: install into .venv and run the test suite (CPU, offline, a few minutes).
+# `make ui`: the MLflow UI on the project's store (http://127.0.0.1:5000; PORT=... to change).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,3 +30,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+PORT ?= 5000
+ui: $(STAMP)
+	$(BIN)/foodtransfer ui --port $(PORT)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "transfer", "dropout", "finetune")
-ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS)
+ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS, "report")
 
 TINY = {
     "image_size": 32, "backbone": "MobileNetV2", "weights": "none", "batch_size": 16,
@@ -99,6 +99,8 @@ def mlflow_runs(repo: Path):
     experiment = client.get_experiment_by_name("e2e")
     assert experiment is not None, "the experiment named in params was not created"
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    # The variant runs; the report stage's parent runs are checked by test_report_* below.
+    runs = [r for r in runs if r.data.tags.get("run_kind") != "pipeline"]
     return client, experiment, runs
 
 
@@ -110,7 +112,7 @@ def test_repro_runs_every_stage_then_nothing(pipeline):
 
 
 def test_exp_run_reruns_only_dropout_and_finetune(pipeline):
-    assert stages_run(pipeline["experiment"].stdout) == {"dropout", "finetune"}
+    assert stages_run(pipeline["experiment"].stdout) == {"dropout", "finetune", "report"}
     show = run(["dvc", "exp", "show", "--json"], pipeline["repo"], pipeline["env"])
     text = show.stdout
     assert "drop03" in text and "test_accuracy" in text
@@ -224,3 +226,151 @@ def test_logged_model_predicts_raw_images(pipeline):
             np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-4)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+# ------------------------------------------------------------------- report and predict
+REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
+
+
+def variant_run_ids(repo: Path) -> dict[str, str]:
+    return {v: json.loads((repo / f"artifacts/{v}/mlflow_run.json").read_text())["run_id"]
+            for v in VARIANTS}
+
+
+def pipeline_runs(repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id], "tags.run_kind = 'pipeline'",
+                              order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_report_files_compare_the_four_variants(pipeline):
+    from PIL import Image
+
+    repo = pipeline["repo"]
+    text = (repo / "reports" / "comparison.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    for variant, run_id in variant_run_ids(repo).items():
+        assert any(re.match(rf"\| (\*\*)?{variant}(\*\*)? \|", row) and f"`{run_id}`" in row
+                   for row in table), (variant, text)
+    metrics = json.loads((repo / "metrics/dropout.json").read_text())
+    assert f"{metrics['test_accuracy']:.3f}" in text
+    from foodtransfer.split import data_version
+
+    assert f"data version `{data_version(repo / 'data/split')}`" in text
+    assert "| `dropout` | 0.3 | 0.6 |" in text and "| `backbone` | MobileNetV2 |" in text
+    assert "DVC experiment `drop03`" in text
+    for name in REPORT_FILES[1:]:
+        with Image.open(repo / "reports" / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+
+
+def test_dvc_plots_show_and_diff_render_every_variant(pipeline):
+    repo, env = pipeline["repo"], pipeline["env"]
+    out = repo / "plots_all"
+    run(["dvc", "plots", "show", "-o", str(out)], repo, env)
+    page = (out / "index.html").read_text()
+    for variant in VARIANTS:
+        for column in ("accuracy", "val_accuracy", "loss", "val_loss"):
+            assert f"{variant}/history.csv::{column}" in page, (variant, column)
+    for name in ("curves", "confusion", "errors"):
+        assert f"reports_{name}.png" in page
+    diff = repo / "plots_diff"
+    run(["dvc", "plots", "diff", "HEAD", "-o", str(diff)], repo, env)
+    page = (diff / "index.html").read_text()
+    assert "HEAD" in page and "workspace" in page
+
+
+def test_report_parent_runs_group_each_execution(pipeline):
+    repo = pipeline["repo"]
+    client, parents = pipeline_runs(repo)
+    assert [p.info.run_name for p in parents] == ["pipeline", "pipeline"]  # repro, exp run
+    assert all(p.info.status == "FINISHED" for p in parents)
+    first, second = parents
+    assert "dvc_exp_name" not in first.data.tags
+    assert second.data.tags["dvc_exp_name"] == "drop03"
+    current = variant_run_ids(repo)
+    assert {v: second.data.tags[f"variant_run_id.{v}"] for v in VARIANTS} == current
+    for parent in parents:
+        assert re.fullmatch(r"[0-9a-f]{12}", parent.data.tags["data_version"])
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(REPORT_FILES)
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert all(c.data.tags["pipeline_run_id"] == parent.info.run_id for c in children)
+        names = sorted(c.info.run_name for c in children)
+        if parent is first:  # trained everything
+            assert names == sorted(VARIANTS)
+            assert {c.data.tags["variant"]: c.info.run_id for c in children}["baseline"] \
+                == current["baseline"]
+        else:  # re-trained only dropout and finetune; the others stay with the first
+            assert names == ["dropout", "finetune"]
+            assert {c.info.run_id for c in children} == {current["dropout"], current["finetune"]}
+            assert all(c.data.tags.get("dvc_exp_name") == "drop03" for c in children)
+
+
+def test_champion_is_the_best_variant_by_validation_accuracy(pipeline):
+    repo = pipeline["repo"]
+    client, parents = pipeline_runs(repo)
+    metrics = {v: json.loads((repo / f"metrics/{v}.json").read_text()) for v in VARIANTS}
+    best = max(m["best_val_accuracy"] for m in metrics.values())
+    champion = client.get_model_version_by_alias("food101-classifier", "champion")
+    variant = champion.tags["variant"]
+    assert metrics[variant]["best_val_accuracy"] == best
+    assert champion.run_id == variant_run_ids(repo)[variant]
+    assert parents[-1].data.tags["champion"] == variant
+    assert json.loads(champion.tags["class_names"]) == TINY["data"]["classes"]
+    import mlflow
+    from mlflow.models import get_model_info
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    try:
+        info = get_model_info("models:/food101-classifier@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    size = TINY["image_size"]  # raw images in: the preprocessing is inside the model
+    assert tuple(info.signature.inputs.inputs[0].shape) == (-1, size, size, 3)
+    assert [spec.name for spec in info.signature.outputs.inputs] == TINY["data"]["classes"]
+    assert info.saved_input_example_info is not None
+
+
+def test_predict_cli_with_the_champion(pipeline, tmp_path):
+    import mlflow
+    from PIL import Image
+
+    from foodtransfer.images import decode_image
+
+    repo, env = pipeline["repo"], dict(pipeline["env"])
+    rng = np.random.default_rng(5)
+    paths = []
+    for index, shape in enumerate([(50, 40, 3), (24, 24, 3), (70, 33)]):
+        path = tmp_path / f"photo{index}.{'png' if index == 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(path)
+        paths.append(path)
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = uri
+    script = str(Path(sys.executable).parent / "foodtransfer")
+    result = run([script, "predict", *map(str, paths), "--json", "--top-k", "4"], repo, env)
+    output = json.loads(result.stdout)
+    assert output["model_uri"] == "models:/food101-classifier@champion"
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(output["model_uri"])
+        images = np.stack([decode_image(p, TINY["image_size"]).pixels for p in paths])
+        expected = model.predict(images.astype("float32"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    for entry, path, (_, row) in zip(output["images"], paths, expected.iterrows()):
+        assert entry["image"] == str(path)
+        top = entry["predictions"]
+        assert len(top) == 4
+        assert sum(item["probability"] for item in top) == pytest.approx(1.0, abs=1e-5)
+        for item in top:
+            assert item["probability"] == pytest.approx(row[item["class_name"]], abs=1e-5)
+    missing = subprocess.run([script, "predict", str(tmp_path / "nope.jpg")], cwd=repo,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert "foodtransfer predict: error:" in missing.stderr and "Traceback" not in missing.stderr

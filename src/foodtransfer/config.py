@@ -90,6 +90,8 @@ class FineTuneConfig:
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment: str = "food101-transfer"
+    # The model registry name of the champion (best variant by validation accuracy).
+    registered_model: str = "food101-classifier"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,13 @@ def _check_cross_fields(params: Params) -> None:
             f"params: weights = {weights!r} is neither 'imagenet', 'none' nor an existing "
             f"weights file (looked for {Path(weights).resolve()}). "
             f"{FIX_HINT.format(key='weights')}"
+        )
+    name = params.mlflow.registered_model
+    if name != name.strip() or any(c in name for c in "/:@'\""):
+        raise ConfigError(
+            f"params: mlflow.registered_model = {name!r} is not a usable model registry name: "
+            "no '/', ':', '@' (models:/<name>@<alias> URIs use them), quotes, or leading or "
+            f"trailing spaces. {FIX_HINT.format(key='mlflow.registered_model')}"
         )
     data = params.data
     if data.sample.min_side > data.sample.max_side:

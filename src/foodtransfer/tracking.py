@@ -238,3 +238,142 @@ def variant_run(experiment: str, variant: str, params: dict[str, Any],
         retry_on_lock(mlflow.end_run)(status=status)
         log.info("MLflow run %s (%s) %s in %s", run.info.run_id, variant, status.lower(),
                  tracking_uri())
+
+
+# ------------------------------------------------------- pipeline runs, registry, the UI
+PIPELINE_RUN_NAME = "pipeline"
+PIPELINE_TAG = "pipeline_run_id"  # on a variant run: the pipeline run it belongs to
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
+
+
+@contextlib.contextmanager
+def pipeline_run(experiment: str, params: dict[str, Any],
+                 tags: dict[str, str]) -> Iterator[VariantRun]:
+    """Start the parent run of one pipeline execution (run name ``pipeline``, tag
+    ``run_kind=pipeline``); it ends FINISHED, or FAILED on any exception. The yielded object
+    logs to it like a variant run."""
+    import mlflow
+
+    connect(experiment)
+    all_tags = {"run_kind": "pipeline", **tags}
+    commit = git_commit(project_root())
+    if commit:
+        all_tags["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    run = retry_on_lock(mlflow.start_run)(run_name=PIPELINE_RUN_NAME, tags=all_tags)
+    status = "FAILED"
+    try:
+        retry_on_lock(mlflow.log_params)({k: ("null" if v is None else v)
+                                          for k, v in params.items()})
+        yield VariantRun(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        retry_on_lock(mlflow.end_run)(status=status)
+        log.info("MLflow run %s (%s) %s in %s", run.info.run_id, PIPELINE_RUN_NAME,
+                 status.lower(), tracking_uri())
+
+
+def get_variant_runs(run_ids: dict[str, str]) -> dict[str, Any]:
+    """The finished MLflow runs (``mlflow.entities.Run``) of ``{variant: run_id}``, or a
+    TrackingError saying which one is missing or unfinished and how to fix it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    runs = {}
+    for variant, run_id in run_ids.items():
+        try:
+            run = retry_on_lock(client.get_run)(run_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' (artifacts/{variant}/"
+                f"mlflow_run.json) is not in the store {tracking_uri()} ({error.error_code}): "
+                "the store was reset or MLFLOW_TRACKING_URI points elsewhere. Re-run the "
+                f"variant with 'dvc repro --force {variant}'."
+            ) from error
+        if run.info.status != "FINISHED":
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' is {run.info.status}, not "
+                f"FINISHED: re-run it with 'dvc repro --force {variant}'.")
+        if not run.data.tags.get("model_uri"):
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' has no logged model (tag "
+                f"model_uri): re-run it with 'dvc repro --force {variant}'.")
+        runs[variant] = run
+    return runs
+
+
+def adopt_runs(parent_run_id: str, runs: dict[str, Any]) -> list[str]:
+    """Nest the variant runs that no finished pipeline run owns yet under ``parent_run_id``
+    (tags ``mlflow.parentRunId`` and ``pipeline_run_id``); returns the adopted variants.
+
+    A variant run that DVC reused from an earlier execution stays under the pipeline run that
+    trained it (a run has one parent); the new parent lists it in its tags and report."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    adopted = []
+    for variant, run in runs.items():
+        owner = run.data.tags.get(PIPELINE_TAG)
+        if owner and owner != parent_run_id:
+            try:
+                if retry_on_lock(client.get_run)(owner).info.status == "FINISHED":
+                    continue
+            except MlflowException:
+                pass  # the owner was deleted: adopt
+        retry_on_lock(client.set_tag)(run.info.run_id, PARENT_TAG, parent_run_id)
+        retry_on_lock(client.set_tag)(run.info.run_id, PIPELINE_TAG, parent_run_id)
+        adopted.append(variant)
+    return adopted
+
+
+def register_model_version(model_uri: str, name: str, alias: str, run_id: str,
+                           tags: dict[str, str], description: str | None = None) -> str:
+    """Register ``model_uri`` under ``name`` (or reuse the version already registered from
+    it) and point ``alias`` at it; returns the version number."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    existing = [version for version in retry_on_lock(client.search_model_versions)(
+                    f"name = '{name}'")
+                if version.source == model_uri and version.run_id == run_id]
+    if existing:
+        version = existing[0]
+        for key, value in tags.items():
+            retry_on_lock(client.set_model_version_tag)(name, version.version, key, value)
+    else:
+        version = retry_on_lock(mlflow.register_model)(model_uri, name, tags=tags)
+    if description:
+        retry_on_lock(client.update_registered_model)(name, description=description)
+    retry_on_lock(client.set_registered_model_alias)(name, alias, version.version)
+    return str(version.version)
+
+
+def ui_command(port: int, host: str = "127.0.0.1") -> tuple[list[str], str]:
+    """The ``mlflow ui`` command line for this project's store, and the URL it serves.
+
+    The project's store needs the explicit backend and artifact root (without them MLflow
+    opens a fresh ``mlflow.db`` in the working directory); ``MLFLOW_TRACKING_URI`` names
+    another database store. A tracking server (http/https) has its own UI: that URL is
+    returned with an empty command."""
+    import sys
+
+    custom = custom_tracking_uri()
+    if custom and custom.split("://", 1)[0].lower() in ("http", "https"):
+        return [], custom
+    command = [sys.executable, "-m", "mlflow", "ui"]
+    if custom:
+        command += ["--backend-store-uri", custom]
+    else:
+        store = default_store_dir()
+        if not (store / "mlflow.db").is_file():
+            raise TrackingError(
+                f"There is no MLflow store at {store / 'mlflow.db'} yet: run the pipeline "
+                "first (dvc repro), run this from the project root, or set "
+                "MLFLOW_TRACKING_URI.")
+        command += ["--backend-store-uri", default_tracking_uri(),
+                    "--default-artifact-root", (store / "artifacts").as_uri()]
+    command += ["--host", host, "--port", str(port)]
+    return command, f"http://{host}:{port}"

@@ -122,6 +122,9 @@ class VariantOutputs:
                             tmp / "confusion.png")
             (tmp / "classification_report.txt").write_text(test.report_text)
             (tmp / "classes.json").write_text(json.dumps(self.class_names, indent=1) + "\n")
+            # Which MLflow run produced these outputs: the report stage groups and links runs.
+            (tmp / "mlflow_run.json").write_text(json.dumps(
+                {"variant": variant, "run_id": self.run.run_id}, indent=1) + "\n")
         self.run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name in ("learning_curves.png", "confusion.png", "classification_report.txt",
                      "classes.json"):

@@ -1,0 +1,135 @@
+"""The ``foodtransfer`` command: use what the pipeline produced.
+
+- ``foodtransfer predict IMAGE_OR_DIR... [--model-uri URI] [--top-k 5] [--json]``: the top-k
+  classes of each image, by default with the registry's champion.
+- ``foodtransfer ui [--port 5000]``: the MLflow UI on this project's store, on localhost.
+
+Errors a user can fix print one line (``foodtransfer <command>: error: ...``) and exit with
+code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from foodtransfer.errors import UserError
+from foodtransfer.stage import quiet_tensorflow
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Use the models and runs of the foodtransfer pipeline.")
+
+
+@app.callback()
+def main() -> None:
+    """Use the models and runs of the foodtransfer pipeline."""
+
+
+@contextlib.contextmanager
+def _user_errors(command: str) -> Iterator[None]:
+    try:
+        yield
+    except UserError as error:
+        typer.secho(f"foodtransfer {command}: error: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def _default_model_uri(params_path: Path) -> str:
+    """The champion of the registered model named in params.yaml (or the default name)."""
+    from foodtransfer.config import MlflowConfig, load_params
+    from foodtransfer.predict import champion_uri
+
+    if params_path.is_file():
+        return champion_uri(load_params(params_path).mlflow.registered_model)
+    return champion_uri(MlflowConfig().registered_model)
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., metavar="IMAGE_OR_DIR",
+                                        help="Image files, or folders searched recursively."),
+    model_uri: str | None = typer.Option(
+        None, "--model-uri",
+        help="MLflow model URI (models:/<name>@<alias>, models:/<name>/<version>, "
+             "runs:/<run_id>/model, a local model folder). Default: "
+             "models:/<mlflow.registered_model>@champion."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes to show per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the default model's registry name is read."),
+) -> None:
+    """Print the top-k classes with probabilities of each image."""
+    quiet_tensorflow()
+    with _user_errors("predict"):
+        from foodtransfer.predict import format_text, predict_files
+
+        uri = model_uri or _default_model_uri(params)
+        predictions = predict_files(images, uri, top_k)
+    if as_json:
+        typer.echo(json.dumps({"model_uri": uri,
+                               "images": [p.as_dict() for p in predictions]}, indent=2))
+    else:
+        typer.echo(f"model: {uri}")
+        typer.echo(format_text(predictions))
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, min=1, max=65535, help="Port on 127.0.0.1."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the URL and the command, start nothing."),
+) -> None:
+    """Start the MLflow UI on this project's store (localhost only) and print its URL."""
+    from foodtransfer import tracking
+
+    host = "127.0.0.1"
+    with _user_errors("ui"):
+        command, url = tracking.ui_command(port, host)
+        if not command:
+            typer.echo(f"MLFLOW_TRACKING_URI names a tracking server: open {url}")
+            return
+        if not dry_run and not _port_free(host, port):
+            raise UserError(f"port {port} on {host} is in use (another MLflow UI?): pass "
+                            f"--port {port + 1}, or open {url} if it is already this UI.")
+    typer.echo(f"MLflow UI: {url} (store {tracking.tracking_uri()}; Ctrl-C stops it)")
+    if dry_run:
+        typer.echo(" ".join(command))
+        return
+    raise typer.Exit(_run_until_stopped(command))
+
+
+def _run_until_stopped(command: list[str]) -> int:
+    """Run ``command`` in the foreground; Ctrl-C or SIGTERM stops it (and its workers)."""
+    process = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the child as well
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    app()

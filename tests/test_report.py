@@ -1,0 +1,311 @@
+"""The report stage (foodtransfer.report, pipeline/report.py) on hand-made variant outputs: the
+champion is chosen on validation, never on test; comparison.md, the figures, the parent MLflow
+run that nests the variant runs, the registered champion; and clear errors. No TensorFlow:
+the logged models here are tiny pyfunc stand-ins."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from foodtransfer.config import Params, parse_params
+from foodtransfer.errors import ConfigError, DataError, TrackingError
+from foodtransfer.images import ImageStoreWriter
+from foodtransfer.report import (REPORT_FILES, VARIANTS, ReportContext, ReportPaths,
+                                 changed_params, choose_best, comparison_markdown, load_results,
+                                 most_confident_mistakes, run_report, write_figures)
+
+CLASSES = ["pizza", "sushi", "tacos"]
+# Validation accuracy picks dropout; baseline has the best *test* accuracy and must not win.
+SCORES = {"baseline": (0.70, 0.95), "transfer": (0.80, 0.80), "dropout": (0.90, 0.85),
+          "finetune": (0.85, 0.90)}  # (best_val_accuracy, test_accuracy)
+
+
+def write_variant(root: Path, variant: str, run_id: str, val_accuracy: float,
+                  test_accuracy: float, first_epoch: int = 1, epochs: int = 3) -> None:
+    metrics = {"test_accuracy": test_accuracy, "test_top5_accuracy": 1.0,
+               "test_macro_f1": test_accuracy - 0.05, "test_loss": 0.5,
+               "best_val_accuracy": val_accuracy, "best_val_loss": 1 - val_accuracy,
+               "epochs_run": epochs, "best_epoch": first_epoch + epochs - 2,
+               "seconds_per_epoch": 0.25, "total_params": 1000, "trainable_params": 100,
+               "per_class": {}}
+    if variant == "baseline":
+        metrics["untrained_test_accuracy"] = 0.33
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / f"{variant}.json").write_text(json.dumps(metrics))
+    plots = root / "plots" / variant
+    plots.mkdir(parents=True, exist_ok=True)
+    epoch = np.arange(first_epoch, first_epoch + epochs)
+    pd.DataFrame({"epoch": epoch, "loss": 1 / epoch, "accuracy": 1 - 1 / (epoch + 1),
+                  "val_loss": 1.1 / epoch, "val_accuracy": 0.9 - 1 / (epoch + 2)}).to_csv(
+        plots / "history.csv", index=False)
+    rows = []
+    for index in range(12):
+        actual = CLASSES[index % 3]
+        wrong = index < 4  # four mistakes, of decreasing confidence
+        predicted = CLASSES[(index + 1) % 3] if wrong else actual
+        rows.append({"image_id": f"{actual}/{index}", "actual": actual, "predicted": predicted,
+                     "probability": 0.9 - index * 0.05})
+    pd.DataFrame(rows).to_csv(plots / "predictions.csv", index=False)
+    artifacts = root / "artifacts" / variant
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "classes.json").write_text(json.dumps(CLASSES))
+    (artifacts / "mlflow_run.json").write_text(json.dumps({"variant": variant,
+                                                           "run_id": run_id}))
+
+
+def write_outputs(root: Path, run_ids: dict[str, str]) -> ReportPaths:
+    """What the data and variant stages leave behind, for 12 test images of 3 classes."""
+    for variant in VARIANTS:
+        val, test = SCORES[variant]
+        first = 4 if variant == "finetune" else 1  # fine-tune continues dropout's epochs
+        write_variant(root, variant, run_ids[variant], val, test, first_epoch=first)
+    trimmed, split = root / "data" / "trimmed", root / "data" / "split"
+    trimmed.mkdir(parents=True)
+    split.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with ImageStoreWriter(trimmed / "test.npy", 8) as writer:
+        for _ in range(12):
+            writer.append(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    manifest = pd.DataFrame({"store": "test", "index": range(12),
+                             "image_id": [f"{CLASSES[i % 3]}/{i}" for i in range(12)],
+                             "class_name": [CLASSES[i % 3] for i in range(12)],
+                             "label": [i % 3 for i in range(12)]})
+    for name in ("train", "val", "test"):
+        manifest.to_csv(split / f"{name}.csv", index=False)
+    return ReportPaths(trimmed=trimmed, split=split, metrics=root / "metrics",
+                       plots=root / "plots", artifacts=root / "artifacts",
+                       reports=root / "reports")
+
+
+def assert_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 100, path
+
+
+# ------------------------------------------------------------------------- pure logic
+@pytest.fixture
+def outputs(tmp_path: Path) -> ReportPaths:
+    return write_outputs(tmp_path, {v: f"{v}-run" for v in VARIANTS})
+
+
+def test_champion_is_chosen_on_validation_never_test(outputs: ReportPaths) -> None:
+    results = load_results(outputs)
+    assert choose_best(results) == "dropout"  # baseline has the best test accuracy
+    assert choose_best(results, ("transfer", "dropout")) == "dropout"
+    assert choose_best(results, ("baseline", "transfer")) == "transfer"
+
+
+def test_validation_ties_go_to_the_lower_validation_loss(outputs: ReportPaths) -> None:
+    results = load_results(outputs)
+    for name in ("transfer", "dropout"):
+        results[name].metrics["best_val_accuracy"] = 0.9
+    results["transfer"].metrics["best_val_loss"] = 0.05
+    assert choose_best(results) == "transfer"
+    results["transfer"].metrics["best_val_loss"] = results["dropout"].metrics["best_val_loss"]
+    assert choose_best(results) == "transfer"  # full tie: the first in pipeline order
+
+
+def test_changed_params_lists_only_differences() -> None:
+    assert changed_params(Params()) == {}
+    params = parse_params({"dropout": 0.3, "data": {"source": "sample"}})
+    assert changed_params(params) == {"dropout": (0.3, 0.6), "data.source": ("sample", "food101")}
+
+
+def test_comparison_markdown(outputs: ReportPaths) -> None:
+    results = load_results(outputs)
+    context = ReportContext(experiment="exp", data_version="abc123def456", parent_run_id="P1",
+                            registered_model="food", registered_version="7",
+                            run_owner={"baseline": "P0", "transfer": "P1", "dropout": "P1",
+                                       "finetune": "P1"})
+    text = comparison_markdown(results, "dropout", {"dropout": (0.3, 0.6)}, context)
+    for variant in VARIANTS:
+        assert f"`{variant}-run`" in text
+        assert any(line.startswith(f"| {variant} ") or line.startswith(f"| **{variant}**")
+                   for line in text.splitlines()), variant
+    assert "| **dropout** | 0.850 | 1.000 | 0.800 | 0.900 | 3 | 2 | 0.25 | 100 / 1,000 |" in text
+    assert "abc123def456" in text and "`P1`" in text
+    assert "models:/food@champion" in text and "version 7" in text
+    assert "reused from pipeline run `P0`" in text  # baseline came from an earlier run
+    assert "| `dropout` | 0.3 | 0.6 |" in text
+    assert "untrained baseline scores 0.330" in text
+
+
+def test_figures_are_valid_images(outputs: ReportPaths, tmp_path: Path) -> None:
+    out = tmp_path / "figures"
+    out.mkdir()
+    write_figures(load_results(outputs), "dropout", outputs, out)
+    for name in ("curves.png", "confusion.png", "errors.png"):
+        assert_png(out / name)
+
+
+def test_most_confident_mistakes_come_first(outputs: ReportPaths) -> None:
+    predictions = load_results(outputs)["dropout"].predictions
+    mistakes = most_confident_mistakes(predictions, 3)
+    assert list(mistakes["image_id"]) == ["pizza/0", "sushi/1", "tacos/2"]
+    assert (mistakes["actual"] != mistakes["predicted"]).all()
+    perfect = predictions.assign(predicted=predictions["actual"])
+    assert most_confident_mistakes(perfect).empty
+
+
+def test_missing_or_inconsistent_variant_outputs(outputs: ReportPaths) -> None:
+    (outputs.artifacts / "transfer" / "mlflow_run.json").unlink()
+    with pytest.raises(DataError, match=r"mlflow_run.json is missing: run 'dvc repro transfer'"):
+        load_results(outputs)
+    write_variant(outputs.metrics.parent, "transfer", "t", 0.5, 0.5)
+    (outputs.artifacts / "dropout" / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    with pytest.raises(DataError, match="different classes"):
+        load_results(outputs)
+
+
+def test_registered_model_name_is_validated() -> None:
+    assert Params().mlflow.registered_model == "food101-classifier"
+    with pytest.raises(ConfigError, match=r"mlflow.registered_model = 'a/b' is not a usable"):
+        parse_params({"mlflow": {"registered_model": "a/b"}})
+    with pytest.raises(ConfigError, match="unknown key 'mlflow.registered_modle'"):
+        parse_params({"mlflow": {"registered_modle": "x"}})
+
+
+# ----------------------------------------------------------------- with an MLflow store
+class ConstantModel(mlflow.pyfunc.PythonModel):
+    """A stand-in for the Keras pyfunc: registration needs a logged model, not a real one."""
+
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame(np.full((len(model_input), 3), 1 / 3), columns=CLASSES)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty project folder whose MLflow store is the default one (mlruns/mlflow.db)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    yield project
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def log_variant_run(experiment: str, variant: str) -> str:
+    """A finished variant run with a logged model and its model_uri tag, as the stages make."""
+    from foodtransfer import tracking
+
+    with tracking.variant_run(experiment, variant, {"dropout": 0.6}, {"data_version": "v"}) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(),
+                                       pip_requirements=["mlflow"])
+        run.set_tags({"model_uri": info.model_uri})
+        return run.run_id
+
+
+def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
+    params = parse_params({"dropout": 0.3, "mlflow": {"experiment": "unit",
+                                                      "registered_model": "food"}})
+    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    paths = write_outputs(store, run_ids)
+    summary = run_report(params, paths)
+    assert "champion dropout" in summary and "food v1 @champion" in summary
+
+    for name in REPORT_FILES:
+        assert (paths.reports / name).stat().st_size > 0
+    for name in ("curves.png", "confusion.png", "errors.png"):
+        assert_png(paths.reports / name)
+    text = (paths.reports / "comparison.md").read_text()
+    assert all(run_id in text for run_id in run_ids.values())
+    assert "| `dropout` | 0.3 | 0.6 |" in text
+
+    experiment = client.get_experiment_by_name("unit")
+    (parent,) = client.search_runs([experiment.experiment_id],
+                                   "tags.run_kind = 'pipeline'")
+    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.tags["data_version"] == text.split("data version `")[1][:12]
+    assert parent.data.tags["champion"] == "dropout"
+    assert parent.data.tags["variant_run_id.baseline"] == run_ids["baseline"]
+    assert "Champion: dropout" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["dropout_best_val_accuracy"] == pytest.approx(0.9)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(REPORT_FILES)
+    for run_id in run_ids.values():
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["pipeline_run_id"] == parent.info.run_id
+
+    champion = client.get_model_version_by_alias("food", "champion")
+    assert champion.run_id == run_ids["dropout"]
+    assert champion.tags["variant"] == "dropout"
+    assert json.loads(champion.tags["class_names"]) == CLASSES
+    assert "raw RGB images" in client.get_registered_model("food").description
+
+    # A second execution that re-trains only finetune (now the best on validation): the new
+    # parent nests only finetune, the others stay with the run that trained them.
+    new_finetune = log_variant_run("unit", "finetune")
+    write_variant(store, "finetune", new_finetune, 0.95, 0.5, first_epoch=4)
+    summary = run_report(params, paths)
+    assert "groups finetune (reused: baseline, transfer, dropout)" in summary
+    second = client.search_runs([experiment.experiment_id], "tags.run_kind = 'pipeline'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert second.info.run_id != parent.info.run_id
+    assert client.get_run(new_finetune).data.tags["mlflow.parentRunId"] == second.info.run_id
+    assert (client.get_run(run_ids["baseline"]).data.tags["mlflow.parentRunId"]
+            == parent.info.run_id)
+    assert f"reused from pipeline run `{parent.info.run_id}`" in (
+        paths.reports / "comparison.md").read_text()
+    champion = client.get_model_version_by_alias("food", "champion")
+    assert (str(champion.version), champion.run_id) == ("2", new_finetune)
+
+    # Re-running the report on the same runs registers no new version.
+    run_report(params, paths)
+    assert len(client.search_model_versions("name = 'food'")) == 2
+    assert str(client.get_model_version_by_alias("food", "champion").version) == "2"
+
+
+def test_report_fails_clearly_on_a_run_missing_from_the_store(store: Path) -> None:
+    params = parse_params({"mlflow": {"experiment": "unit"}})
+    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    run_ids["transfer"] = "0" * 32
+    paths = write_outputs(store, run_ids)
+    with pytest.raises(TrackingError, match=r"run 0{32} of variant 'transfer' .* is not in the "
+                                            r"store .*dvc repro --force transfer"):
+        run_report(params, paths)
+    assert not paths.reports.exists()
+
+
+def test_report_stage_script(store: Path) -> None:
+    """pipeline/report.py: the one-line summary, and exit code 2 with one line on bad params."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("pipeline_report",
+                                                  REPO_ROOT / "pipeline" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (store / "params.yaml").write_text("mlflow:\n  experiment: unit\n  registered_model: a:b\n")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        result = CliRunner().invoke(module.app, [])
+        assert result.exit_code == 2
+        assert "report: error: params: mlflow.registered_model = 'a:b'" in result.output
+        (store / "params.yaml").write_text("mlflow:\n  experiment: unit\n")
+        write_outputs(store, {variant: log_variant_run("unit", variant) for variant in VARIANTS})
+        result = CliRunner().invoke(module.app, [])
+        assert result.exit_code == 0, result.output
+        last = result.stdout.strip().splitlines()[-1]
+        assert last.startswith("report: champion dropout") and "report in reports/" in last
+        assert (store / "reports" / "comparison.md").is_file()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
