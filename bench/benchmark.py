@@ -188,11 +188,11 @@ def tiny_params(args, per_class: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--per-class", type=int, default=32)
+    parser.add_argument("--per-class", type=int, default=24)
     parser.add_argument("--memory-per-class", type=int, default=12)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--backbone", default="EfficientNetV2B0")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     results: dict = {"args": vars(args), "cpus": os.cpu_count()}
