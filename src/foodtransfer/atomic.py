@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,12 +13,47 @@ from pathlib import Path
 from typing import IO
 
 
+def _prefix(path: Path) -> str:
+    """Temporary names carry the writer's process id: ``.<name>.pid<pid>.<random>.tmp``."""
+    return f".{path.name}.pid{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries beside ``path`` that a killed writer (SIGKILL, OOM killer, power
+    loss) could not clean up: those whose process is gone. Returns what was removed."""
+    pattern = re.compile(re.escape(f".{path.name}.pid") + r"(\d+)\..+\.(?:tmp|old)$")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync and rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp_name, mode) as handle:
@@ -42,14 +78,17 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On failure (an exception, SIGTERM turned into an exception) the temporary folder is
     removed and ``path`` is left as it was (absent, when DVC removed it before the stage).
+    A process killed outright leaves its hidden temporary folder behind: DVC ignores it (it is
+    not an output) and the next write of ``path`` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, trash / path.name)
             os.replace(tmp, path)
             shutil.rmtree(trash, ignore_errors=True)

@@ -101,6 +101,9 @@ def download(url: str, destination: Path, *, timeout: float = 60.0,
         ) from error
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, socket.gaierror):
+            host = urllib.parse.urlparse(url).hostname
+            reason = f"the host name {host!r} does not resolve (DNS: {reason.strerror})"
         raise DownloadError(f"Cannot reach {url}: {reason}. " + _fix_hint(url)) from error
 
     with response:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -22,6 +23,26 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"stopped by signal {signum}")
+
+
+def _redeliver_swallowed_sigterm(previous: Callable) -> Callable:
+    """An unraisable-exception hook that re-sends SIGTERM when Python swallowed Terminated.
+
+    Python runs the signal handler at the next bytecode of the main thread, which may be
+    inside code whose exceptions it only prints ("Exception ignored in ..."): an at-fork
+    callback (trim's worker processes start with a fork), a ``__del__`` or a weakref callback.
+    The stage would then run on to completion as if no signal had come. Sending the signal
+    again a moment later raises it in ordinary code, where it stops the stage."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def quiet_tensorflow() -> None:
@@ -43,6 +64,8 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed_sigterm(previous_hook)
     started = time.monotonic()
     try:
         summary = body()
@@ -54,4 +77,5 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
         raise typer.Exit(143) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
     typer.echo(f"{name}: {summary} [{time.monotonic() - started:.1f}s]")

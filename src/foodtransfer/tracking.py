@@ -91,9 +91,63 @@ def _check_default_store(store: Path) -> None:
         ) from error
 
 
+# For the check in connect() only: one try, with a short timeout, instead of MLflow's default
+# of 7 retries with exponential backoff, which takes minutes to report an unreachable server.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _fail_fast_http(uri: str) -> Iterator[None]:
+    """While connect() checks a tracking server, let MLflow try each request once (unless the
+    user set these variables); later logging keeps MLflow's retries for passing outages."""
+    added = [name for name in FAIL_FAST_HTTP if name not in os.environ]
+    if uri.startswith(("http://", "https://")):
+        for name in added:
+            os.environ[name] = FAIL_FAST_HTTP[name]
+    try:
+        yield
+    finally:
+        if uri.startswith(("http://", "https://")):
+            for name in added:
+                os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, timeout: float = 300.0) -> Iterator[None]:
+    """Hold an exclusive lock on the project's store while connect() opens it.
+
+    Opening a fresh SQLite store creates its schema (alembic migrations): two stages doing it
+    at once (``dvc queue start -j 2`` on a new store) collide ("table _alembic_tmp_tags already
+    exists", "Online migration expected to match one row"). Under this lock the first creates
+    the schema and the experiment and the others find them. The OS drops the lock when its
+    holder dies, even by SIGKILL."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (parallel runs there need an existing store)
+        yield
+        return
+    with open(store / ".connect.lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"Another process has held the MLflow store lock {handle.name} for "
+                        f"{timeout:.0f} s: is a stage hanging? Stop it and run again."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def connect(experiment: str) -> str:
     """Point MLflow at the store and the experiment, failing fast (before any training) when
-    the store cannot be written. Returns the experiment id."""
+    the store cannot be reached or written. Returns the experiment id."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -102,25 +156,27 @@ def connect(experiment: str) -> str:
     if not custom:
         _check_default_store(default_store_dir())
     mlflow.set_tracking_uri(uri)
+    lock = contextlib.nullcontext() if custom else _store_lock(default_store_dir())
     try:
-        client = mlflow.MlflowClient()
-        found = retry_on_lock(client.get_experiment_by_name)(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            location = None
-            if not custom:
-                location = (default_store_dir() / "artifacts").as_uri()
-            try:
-                experiment_id = retry_on_lock(client.create_experiment)(
-                    experiment, artifact_location=location)
-            except Exception:  # created meanwhile by a parallel run
-                found = retry_on_lock(client.get_experiment_by_name)(experiment)
-                if found is None:
-                    raise
+        with _fail_fast_http(uri), lock:
+            client = mlflow.MlflowClient()
+            found = retry_on_lock(client.get_experiment_by_name)(experiment)
+            if found is not None:
                 experiment_id = found.experiment_id
-        mlflow.set_experiment(experiment_id=experiment_id)
-        return experiment_id
+            else:
+                location = None
+                if not custom:
+                    location = (default_store_dir() / "artifacts").as_uri()
+                try:
+                    experiment_id = retry_on_lock(client.create_experiment)(
+                        experiment, artifact_location=location)
+                except Exception:  # created meanwhile by a parallel run
+                    found = retry_on_lock(client.get_experiment_by_name)(experiment)
+                    if found is None:
+                        raise
+                    experiment_id = found.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+            return experiment_id
     except TrackingError:
         raise
     except Exception as error:

@@ -8,6 +8,7 @@ replaced by the next in the order. Same seed, same files, on any machine and any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -78,6 +79,27 @@ def _decode(image_id: str, images_dir: Path, size: int) -> Decoded:
     return decode_image(images_dir / f"{image_id}.jpg", size)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the stage process dies, even by SIGKILL.
+
+    A killed stage cannot shut its pool down, and a forked worker never sees its task queue
+    close (it holds both ends of the pipe): it would wait forever, holding memory and the
+    stage's stdout and stderr open (so whoever waits on them, DVC included, hangs too)."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):  # the kernel kills us when the parent dies
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # SIGTERM to the whole process group: the stage process stops the pool (cancelling what
+    # is queued, letting each worker finish its image) and cleans up; workers ignore it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
          samples_per_class: int | Literal["all"], test_per_class: int | Literal["all"],
          allow_fewer: bool, image_size: int, seed: int, workers: int | None = None,
@@ -101,7 +123,9 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     # An executor, not multiprocessing.Pool: Pool.__exit__ terminates its workers, which can
     # deadlock on the task queue's lock; the executor's shutdown waits for them cleanly.
-    with atomic_dir(out_dir) as tmp, ProcessPoolExecutor(workers, mp_context=context) as pool, \
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
+    with atomic_dir(out_dir) as tmp, pool, \
             progress(total=total, desc="decode", unit=" img", enabled=show_progress) as bar:
         for split in SPLITS:
             rows = []
