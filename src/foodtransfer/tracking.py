@@ -213,6 +213,21 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
+def pip_requirements() -> list[str]:
+    """The logged model's requirements, pinned to what is installed. Given explicitly, so that
+    MLflow does not infer them by loading the model in a subprocess (tens of seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for distribution in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pandas",
+                         "pillow"):
+        try:
+            pinned.append(f"{distribution}=={version(distribution)}")
+        except PackageNotFoundError:
+            continue
+    return pinned
+
+
 class VariantRun:
     """Logging for one variant's MLflow run; every call retries on SQLite's lock."""
 
@@ -261,6 +276,7 @@ class VariantRun:
                 artifacts={"keras_model": str(model_path),
                            "class_names": str(class_names_path)},
                 code_paths=[str(Path(foodtransfer.__file__).parent)],
+                pip_requirements=pip_requirements(),
                 signature=signature, input_example=example,
             )
         self.set_tags({"model_uri": info.model_uri})
