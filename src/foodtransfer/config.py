@@ -32,6 +32,9 @@ DEFAULT_CLASSES = [
     "spaghetti_bolognese", "tacos",
 ]  # fmt: skip
 
+# The tf.distribute strategies of foodtransfer.distribute.make_strategy.
+StrategyName = Literal["auto", "mirrored", "multi_worker"]
+
 # The names of foodtransfer.backbones.BACKBONES, here so validating params needs no TensorFlow.
 BACKBONES = ("EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetB0", "EfficientNetB3",
              "MobileNetV2", "ResNet50", "VGG16", "ConvNeXtTiny")
@@ -109,6 +112,10 @@ class Params:
     l1: float = field(default=1e-5, metadata=_range(0))
     l2: float = field(default=1e-5, metadata=_range(0))
     patience: int = field(default=10, metadata=_range(1))
+    # Where training runs (foodtransfer.distribute): one device, all GPUs, or several machines.
+    strategy: StrategyName = "auto"
+    # float16 compute with float32 variables and softmax, on GPUs only (off on CPU).
+    mixed_precision: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)

@@ -18,6 +18,9 @@ import keras
 from foodtransfer.backbones import build_backbone, get_backbone
 
 BACKBONE_LAYER = "backbone"
+# The softmax stays float32 under the mixed_float16 policy (mixed_precision: true), so the
+# probabilities and the cross-entropy loss do not lose float16's precision or overflow.
+OUTPUT_DTYPE = "float32"
 
 
 def image_input(image_size: int) -> keras.KerasTensor:
@@ -55,7 +58,8 @@ def build_baseline(num_classes: int, image_size: int, *, input_size: int, augmen
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(128, activation="relu")(x)
     x = keras.layers.Dropout(0.5)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier",
+                                 dtype=OUTPUT_DTYPE)(x)
     return keras.Model(inputs, outputs, name="baseline")
 
 
@@ -82,7 +86,7 @@ def build_head(feature_dim: int, num_classes: int, *, dropout: float = 0.0, l1: 
     x = keras.layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
     regularizer = keras.regularizers.L1L2(l1=l1, l2=l2) if (l1 or l2) else None
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier",
-                                 kernel_regularizer=regularizer)(x)
+                                 kernel_regularizer=regularizer, dtype=OUTPUT_DTYPE)(x)
     return keras.Model(inputs, outputs, name="head")
 
 

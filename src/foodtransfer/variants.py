@@ -1,9 +1,11 @@
 """The model stages: features, baseline, transfer, dropout and fine-tune.
 
-Each variant stage trains, evaluates on the held-out test set (never used for early stopping or
-selection), and writes the same numbers to MLflow (one run per variant) and to the files that
-dvc.yaml declares: ``metrics/<variant>.json``, ``plots/<variant>/{history,predictions}.csv``,
-``artifacts/<variant>/`` (figures, report) and ``models/<variant>/``.
+Each variant stage trains under the ``strategy`` and ``mixed_precision`` params (every model it
+trains is built and compiled inside ``strategy.scope()``; see :mod:`foodtransfer.distribute`),
+evaluates on the held-out test set (never used for early stopping or selection), and writes the
+same numbers to MLflow (one run per variant) and to the files that dvc.yaml declares:
+``metrics/<variant>.json``, ``plots/<variant>/{history,predictions}.csv``, ``artifacts/<variant>/``
+(figures, report) and ``models/<variant>/``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,36 @@ def seed_everything(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a variant stage trains: its ``tf.distribute`` strategy and Keras precision policy."""
+
+    strategy: Any
+    precision_policy: str
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    def record(self) -> dict[str, Any]:
+        """What the metrics file (and, where numeric, MLflow's metrics) say about it."""
+        return {"replicas": self.replicas, "precision_policy": self.precision_policy}
+
+    def tags(self) -> dict[str, str]:
+        return {"replicas": str(self.replicas), "precision_policy": self.precision_policy}
+
+
+def prepare_training(params: Params) -> Training:
+    """The strategy and precision policy of ``params``, set up before any model is built."""
+    from foodtransfer.distribute import make_strategy, set_precision_policy
+
+    # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow ops.
+    strategy = make_strategy(params.strategy)
+    policy = set_precision_policy(params.mixed_precision)
+    seed_everything(params.seed)
+    return Training(strategy, policy)
 
 
 def _predict_images(model, trimmed: Path, split: Split, batch_size: int) -> np.ndarray:
@@ -135,12 +167,12 @@ class VariantOutputs:
         return metrics
 
 
-def _open_run(params: Params, variant: str, paths: Paths):
+def _open_run(params: Params, variant: str, paths: Paths, training: Training):
     from foodtransfer import tracking
 
     return tracking.variant_run(params.mlflow.experiment, variant, flatten(params),
                                 {"data_version": data_version(paths.split),
-                                 "backbone": params.backbone})
+                                 "backbone": params.backbone, **training.tags()})
 
 
 def _example_images(trimmed: Path, split: Split, count: int = 1) -> np.ndarray:
@@ -170,29 +202,33 @@ def run_baseline(params: Params, paths: Paths) -> str:
     from foodtransfer.models import build_baseline, compile_classifier, make_optimizer
     from foodtransfer.training import fit
 
-    seed_everything(params.seed)
+    training = prepare_training(params)
     class_names = load_classes(paths.trimmed)
     splits = load_splits(paths.split)
     config = params.baseline
-    model = build_baseline(len(class_names), config.image_size, input_size=params.image_size,
-                           augment=config.augment, seed=params.seed)
+    with training.strategy.scope():
+        model = build_baseline(len(class_names), config.image_size,
+                               input_size=params.image_size, augment=config.augment,
+                               seed=params.seed)
+        compile_classifier(model, make_optimizer(params.optimizer, config.learning_rate),
+                           len(class_names))
     batch = params.batch_size
     train = image_dataset(paths.trimmed, splits["train"], batch, shuffle=True, seed=params.seed)
     val = image_dataset(paths.trimmed, splits["val"], batch)
-    with _open_run(params, "baseline", paths) as run:
-        compile_classifier(model, make_optimizer(params.optimizer, config.learning_rate),
-                           len(class_names))
+    with _open_run(params, "baseline", paths, training) as run:
         untrained = evaluate(_predict_images(model, paths.trimmed, splits["test"], batch),
                              splits["test"].labels, class_names)
         steps = -(-len(splits["train"]) // batch)
-        history = fit(model, train, val, epochs=config.epochs,
-                      learning_rate=config.learning_rate, optimizer=params.optimizer,
-                      lr_schedule=params.lr_schedule, patience=params.patience,
-                      num_classes=len(class_names), steps_per_epoch=steps,
-                      on_epoch=run.log_epoch)
+        with training.strategy.scope():
+            history = fit(model, train, val, epochs=config.epochs,
+                          learning_rate=config.learning_rate, optimizer=params.optimizer,
+                          lr_schedule=params.lr_schedule, patience=params.patience,
+                          num_classes=len(class_names), steps_per_epoch=steps,
+                          on_epoch=run.log_epoch)
         return _finish_image_model("baseline", model, history, params, paths, splits,
                                    class_names, run,
-                                   {"untrained_test_accuracy": untrained.metrics["test_accuracy"]})
+                                   {"untrained_test_accuracy": untrained.metrics["test_accuracy"],
+                                    **training.record()})
 
 
 def _finish_image_model(variant: str, model, history: History, params: Params, paths: Paths,
@@ -235,7 +271,7 @@ def run_head(params: Params, paths: Paths, variant: str) -> str:
                                      build_image_classifier, parameter_counts)
     from foodtransfer.training import fit, predict_array
 
-    seed_everything(params.seed)
+    training = prepare_training(params)
     class_names = load_classes(paths.trimmed)
     splits = load_splits(paths.split)
     features = {name: load_features(paths.features, name) for name in splits}
@@ -244,27 +280,34 @@ def run_head(params: Params, paths: Paths, variant: str) -> str:
             raise DataError(f"{paths.features}/{name}.npy has {len(features[name])} rows but "
                             f"the {name} manifest {len(split)}: run 'dvc repro features'.")
     regularised = variant == "dropout"
-    head = build_head(features["train"].shape[1], len(class_names),
-                      dropout=params.dropout if regularised else 0.0,
-                      l1=params.l1 if regularised else 0.0, l2=params.l2 if regularised else 0.0)
+    with training.strategy.scope():
+        head = build_head(features["train"].shape[1], len(class_names),
+                          dropout=params.dropout if regularised else 0.0,
+                          l1=params.l1 if regularised else 0.0,
+                          l2=params.l2 if regularised else 0.0)
     steps = -(-len(splits["train"]) // params.batch_size)
-    with _open_run(params, variant, paths) as run:
-        history = fit(head, (features["train"], splits["train"].labels),
-                      (features["val"], splits["val"].labels), epochs=params.epochs,
-                      learning_rate=params.learning_rate, optimizer=params.optimizer,
-                      lr_schedule=params.lr_schedule, patience=params.patience,
-                      num_classes=len(class_names), steps_per_epoch=steps,
-                      batch_size=params.batch_size, on_epoch=run.log_epoch, seed=params.seed)
+    with _open_run(params, variant, paths, training) as run:
+        with training.strategy.scope():
+            history = fit(head, (features["train"], splits["train"].labels),
+                          (features["val"], splits["val"].labels), epochs=params.epochs,
+                          learning_rate=params.learning_rate, optimizer=params.optimizer,
+                          lr_schedule=params.lr_schedule, patience=params.patience,
+                          num_classes=len(class_names), steps_per_epoch=steps,
+                          batch_size=params.batch_size, on_epoch=run.log_epoch,
+                          seed=params.seed)
         test_probs = predict_array(head, features["test"])
         val_probs = predict_array(head, features["val"])
         test = evaluate(test_probs, splits["test"].labels, class_names)
         validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
         # The deployable model: raw images in, probabilities out (backbone + trained head).
+        # Built under the precision policy, so fine-tuning it trains in that precision too.
         extractor = build_feature_extractor(params.backbone, params.weights, params.image_size)
         classifier = build_image_classifier(extractor, head)
         example = _example_images(paths.trimmed, splits["test"], 2)
         drift = float(np.max(np.abs(predict_array(classifier, example) - test_probs[:2])))
-        if drift > 1e-3:
+        # The features were extracted in float32; a float16 backbone differs by more.
+        tolerance = 1e-3 if training.precision_policy == "float32" else 2e-2
+        if drift > tolerance:
             log.warning("image model and cached-feature head disagree by %.2g", drift)
         total, trainable = parameter_counts(classifier)
         outputs = VariantOutputs(variant, paths, class_names, run)
@@ -272,7 +315,7 @@ def run_head(params: Params, paths: Paths, variant: str) -> str:
                                  test_probabilities=test_probs, test_split=splits["test"],
                                  extra={"total_params": total, "trainable_params": trainable,
                                         "head_params": parameter_counts(head)[0],
-                                        "feature_model_drift": drift})
+                                        "feature_model_drift": drift, **training.record()})
         with atomic_dir(paths.models / variant) as tmp:
             head.save(tmp / "head.keras")
             classifier.save(tmp / "model.keras")
@@ -290,36 +333,38 @@ def run_finetune(params: Params, paths: Paths) -> str:
                                      split_frozen_bottom, unfreeze_top)
     from foodtransfer.training import fit, learning_rate_for
 
-    seed_everything(params.seed)
+    training = prepare_training(params)
     class_names = load_classes(paths.trimmed)
     splits = load_splits(paths.split)
     source = paths.models / "dropout" / "model.keras"
     if not source.is_file():
         raise DataError(f"{source} is missing: run 'dvc repro dropout' first.")
-    model = keras.saving.load_model(source)
     config = params.fine_tune
-    backbone = get_backbone_model(model)
-    unfrozen = unfreeze_top(backbone, config.unfreeze)
-    if config.augment:
-        from foodtransfer.models import augmentation
+    with training.strategy.scope():
+        model = keras.saving.load_model(source)
+        backbone = get_backbone_model(model)
+        unfrozen = unfreeze_top(backbone, config.unfreeze)
+        if config.augment:
+            from foodtransfer.models import augmentation
 
-        inputs = keras.Input(model.input_shape[1:], name="image")
-        model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
-                            name="image_classifier")
+            inputs = keras.Input(model.input_shape[1:], name="image")
+            model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
+                                name="image_classifier")
     parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
     dropout_rows = _read_history(paths.plots / "dropout" / "history.csv")
     first_epoch = (int(dropout_rows[-1]["epoch"]) if dropout_rows else 0) + 1
     batch = params.batch_size
     steps = -(-len(splits["train"]) // batch)
     learning_rate = params.learning_rate * config.lr_scale
-    extra: dict[str, float] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch}
-    with _open_run(params, "finetune", paths) as run:
+    extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
+                             **training.record()}
+    with _open_run(params, "finetune", paths, training) as run:
         if parts is not None:
             # Exact shortcut: the frozen bottom's output per image never changes, so compute
             # it once; each epoch then runs only the unfrozen top and the head.
             started = time.perf_counter()
             trainable_model, train, val = _cached_bottom_setup(
-                model, *parts, paths, splits, batch, params.seed)
+                model, *parts, paths, splits, batch, params.seed, training.strategy)
             extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
             extra["cached_bottom"] = 1
         else:
@@ -328,18 +373,19 @@ def run_finetune(params: Params, paths: Paths) -> str:
                                   seed=params.seed)
             val = image_dataset(paths.trimmed, splits["val"], batch)
             extra["cached_bottom"] = 0
-        compile_classifier(trainable_model, make_optimizer(
-            params.optimizer, learning_rate_for(params.lr_schedule, learning_rate,
-                                                max(1, config.epochs), steps)),
-            len(class_names))
         run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout",
                       "cached_bottom": str(bool(parts))})
-        history = fit(trainable_model, train, val, epochs=config.epochs,
-                      learning_rate=learning_rate, optimizer=params.optimizer,
-                      lr_schedule=params.lr_schedule, patience=params.patience,
-                      num_classes=len(class_names), steps_per_epoch=steps,
-                      first_epoch=first_epoch, on_epoch=run.log_epoch,
-                      recompile=False) if config.epochs else History()
+        with training.strategy.scope():
+            compile_classifier(trainable_model, make_optimizer(
+                params.optimizer, learning_rate_for(params.lr_schedule, learning_rate,
+                                                    max(1, config.epochs), steps)),
+                len(class_names))
+            history = fit(trainable_model, train, val, epochs=config.epochs,
+                          learning_rate=learning_rate, optimizer=params.optimizer,
+                          lr_schedule=params.lr_schedule, patience=params.patience,
+                          num_classes=len(class_names), steps_per_epoch=steps,
+                          first_epoch=first_epoch, on_epoch=run.log_epoch,
+                          recompile=False) if config.epochs else History()
         # The full image model shares every layer with the trained one: evaluate and log it.
         return _finish_image_model("finetune", model, history, params, paths, splits,
                                    class_names, run, extra,
@@ -347,9 +393,10 @@ def run_finetune(params: Params, paths: Paths) -> str:
 
 
 def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Split],
-                         batch: int, seed: int):
+                         batch: int, seed: int, strategy):
     """(model from the cut to the probabilities, train dataset, validation dataset), the
-    datasets holding the frozen bottom's outputs computed once for every image."""
+    datasets holding the frozen bottom's outputs computed once for every image. The model is
+    created in ``strategy``'s scope, to be compiled and trained there."""
     import keras
     import tensorflow as tf
 
@@ -367,9 +414,10 @@ def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Spl
     for name in ("train", "val"):
         dataset = image_dataset(paths.trimmed, splits[name], 32, with_labels=False)
         cached[name] = np.concatenate([forward(images).numpy() for images in dataset])
-    cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
-    outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
-    trainable_model = keras.Model(cut, outputs, name="finetune_top")
+    with strategy.scope():
+        cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
+        outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
+        trainable_model = keras.Model(cut, outputs, name="finetune_top")
     train = array_dataset(cached["train"], splits["train"].labels, batch, shuffle=True, seed=seed)
     val = array_dataset(cached["val"], splits["val"].labels, batch)
     return trainable_model, train, val
