@@ -91,7 +91,7 @@ def bench_head_and_features(args, repo: Path, results: dict) -> None:
     import numpy as np
 
     from foodtransfer.datasets import load_splits
-    from foodtransfer.features import extract_features
+    from foodtransfer.features import compile_forward, extract_features
     from foodtransfer.models import (build_feature_extractor, build_head,
                                      build_image_classifier, compile_classifier,
                                      make_optimizer)
@@ -105,9 +105,15 @@ def bench_head_and_features(args, repo: Path, results: dict) -> None:
     images = len(train) + len(splits["val"]) + len(splits["test"])
 
     # 2. Feature extraction: the features code path against model.predict on tensors.
+    # Both sides are timed after their one-time trace (the stage pays it once: seconds).
     out = Path(tempfile.mkdtemp(dir=repo))
+    forward = compile_forward(extractor)
+    started = time.perf_counter()
+    forward(np.zeros(forward.input_signature[0].shape, "uint8"))
+    trace_seconds = time.perf_counter() - started
     path_seconds = median_time(lambda: extract_features(
-        extractor, trimmed, splits, out / "f", metadata={}, show_progress=False), args.repeats)
+        extractor, trimmed, splits, out / "f", metadata={}, forward=forward,
+        show_progress=False), args.repeats)
     batch = np.random.default_rng(0).uniform(0, 255, (images, args.image_size,
                                                       args.image_size, 3)).astype("float32")
     extractor.predict(batch[:32], batch_size=32, verbose=0)  # warm-up (tracing)
@@ -116,7 +122,7 @@ def bench_head_and_features(args, repo: Path, results: dict) -> None:
     del batch
     results["features"] = {
         "images": images, "pipeline_images_per_s": images / path_seconds,
-        "raw_predict_images_per_s": images / raw_seconds,
+        "raw_predict_images_per_s": images / raw_seconds, "trace_seconds": trace_seconds,
         "ratio_of_limit": raw_seconds / path_seconds}
 
     # 1. Head training: reference (backbone inside, images every epoch) against cached.
@@ -156,10 +162,13 @@ def bench_memory(args, root: Path, results: dict) -> None:
         repo, env = make_project(root / f"memory{factor}", params)
         subprocess.run(["python", "pipeline/download.py"], cwd=repo, env=env, check=True,
                        capture_output=True)
-        trim = peak_rss_mb(["python", "pipeline/trim.py"], repo, env)
+        # Peak RSS varies by several % from run to run (thread timing): medians of repeats.
+        trim = statistics.median(peak_rss_mb(["python", "pipeline/trim.py"], repo, env)
+                                 for _ in range(args.repeats))
         subprocess.run(["python", "pipeline/split.py"], cwd=repo, env=env, check=True,
                        capture_output=True)
-        features = peak_rss_mb(["python", "pipeline/features.py"], repo, env)
+        features = statistics.median(peak_rss_mb(["python", "pipeline/features.py"], repo, env)
+                                     for _ in range(args.repeats))
         rows[factor] = {"images": per_class * args.classes * 2, "trim_mb": trim,
                         "features_mb": features}
     results["memory"] = {

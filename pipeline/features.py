@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import quiet_tensorflow, run_stage
+from foodtransfer.stage import prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
 
@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False)
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
-    quiet_tensorflow()
+    prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing TensorFlow

@@ -21,7 +21,7 @@ from pathlib import Path
 import typer
 
 from foodtransfer.errors import UserError
-from foodtransfer.stage import quiet_tensorflow
+from foodtransfer.stage import prepare_tensorflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Use the models and runs of the foodtransfer pipeline.")
@@ -66,7 +66,7 @@ def predict(
                                 help="Where the default model's registry name is read."),
 ) -> None:
     """Print the top-k classes with probabilities of each image."""
-    quiet_tensorflow()
+    prepare_tensorflow()
     with _user_errors("predict"):
         from foodtransfer.predict import format_text, predict_files
 

@@ -57,8 +57,12 @@ def iter_split_images(trimmed_dir: Path, split: Split, batch_size: int):
 
 
 def image_dataset(trimmed_dir: Path, split: Split, batch_size: int, *, shuffle: bool = False,
-                  seed: int = 0, with_labels: bool = True):
-    """A ``tf.data.Dataset`` of (float32 images 0..255, labels) batches read from the store."""
+                  seed: int = 0, with_labels: bool = True, fixed_batches: bool = False):
+    """A ``tf.data.Dataset`` of (float32 images 0..255, labels) batches read from the store.
+
+    ``fixed_batches``: yield (uint8 images, count) batches all of exactly ``batch_size`` rows,
+    the last one zero-padded after its ``count`` real images, so that a compiled forward pass
+    is traced once for one input shape (and the cast to float happens on the device)."""
     import tensorflow as tf
 
     stores = set(split.stores)
@@ -69,6 +73,9 @@ def image_dataset(trimmed_dir: Path, split: Split, batch_size: int, *, shuffle: 
 
     def read(indices: np.ndarray) -> np.ndarray:
         return store.read(indices)
+
+    def read_padded(indices: np.ndarray) -> np.ndarray:
+        return store.read(indices, rows=batch_size)
 
     ds = tf.data.Dataset.from_tensor_slices((split.indices, split.labels))
     if shuffle:
@@ -81,6 +88,17 @@ def image_dataset(trimmed_dir: Path, split: Split, batch_size: int, *, shuffle: 
         images = tf.cast(images, tf.float32)
         return (images, labels) if with_labels else images
 
+    def load_fixed(indices, labels):
+        images = tf.numpy_function(read_padded, [indices], tf.uint8, stateful=False)
+        images = tf.ensure_shape(images, (batch_size, height, width, channels))
+        return images, tf.shape(indices)[0]
+
+    if fixed_batches:
+        # Bounded read-ahead (at most 4 batches in flight) instead of AUTOTUNE, whose buffers
+        # grow with the run: memory stays flat whatever the number of images, and two
+        # readers are plenty to keep up with a backbone pass per batch.
+        ds = ds.map(load_fixed, num_parallel_calls=2, deterministic=True)
+        return ds.prefetch(2)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -30,30 +30,48 @@ class FeatureResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def extract_features(extractor, trimmed_dir: Path, splits: dict[str, Split], out_dir: Path,
-                     *, metadata: dict, batch_size: int = EXTRACT_BATCH,
-                     show_progress: bool = True) -> FeatureResult:
+def compile_forward(extractor, batch_size: int = EXTRACT_BATCH):
+    """The extractor's forward pass as one compiled function of a fixed input: a batch of
+    exactly ``batch_size`` uint8 images, cast to float on the device. Traced once (XLA where
+    Keras would use it, i.e. on GPU)."""
     import tensorflow as tf
 
+    height, width, channels = extractor.input_shape[1:]
+    spec = tf.TensorSpec((batch_size, height, width, channels), tf.uint8)
+
+    @tf.function(input_signature=[spec], jit_compile=bool(extractor.jit_compile))
+    def forward(images):
+        return extractor(tf.cast(images, tf.float32), training=False)
+
+    forward.batch_size = batch_size
+    return forward
+
+
+def extract_features(extractor, trimmed_dir: Path, splits: dict[str, Split], out_dir: Path,
+                     *, metadata: dict, batch_size: int = EXTRACT_BATCH, forward=None,
+                     show_progress: bool = True) -> FeatureResult:
+    """Write ``<split>.npy`` (float32, one row per image in manifest order) and ``meta.json``
+    (what the features are, deterministic: no timings) under ``out_dir``, atomically.
+
+    ``forward``: a function from :func:`compile_forward`, to reuse its trace across calls."""
     dim = int(extractor.output_shape[-1])
-    forward = tf.function(lambda images: extractor(images, training=False),
-                          reduce_retracing=True)
+    if forward is None:
+        forward = compile_forward(extractor, batch_size)
     started = time.perf_counter()
     total = 0
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
-            dataset = image_dataset(trimmed_dir, split, batch_size, with_labels=False)
+            dataset = image_dataset(trimmed_dir, split, forward.batch_size, with_labels=False,
+                                    fixed_batches=True)
             with NpyWriter(tmp / f"{name}.npy", (dim,), "float32") as writer, progress(
                     total=len(split), desc=f"features {name}", unit=" img",
                     enabled=show_progress) as bar:
-                for images in dataset:
-                    features = forward(images).numpy().astype("float32", copy=False)
+                for images, count in dataset:
+                    count = int(count)
+                    features = forward(images).numpy()[:count].astype("float32", copy=False)
                     writer.extend(features)
-                    bar.update(len(features))
+                    bar.update(count)
             total += len(split)
-        seconds = time.perf_counter() - started
-        result = FeatureResult(total, seconds, dim)
         (tmp / "meta.json").write_text(json.dumps(
-            {**metadata, "dim": dim, "images": total, "seconds": round(seconds, 3),
-             "images_per_second": round(result.images_per_second, 2)}, indent=2) + "\n")
-    return result
+            {**metadata, "dim": dim, "images": total}, indent=2) + "\n")
+    return FeatureResult(total, time.perf_counter() - started, dim)

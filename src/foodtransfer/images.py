@@ -143,9 +143,15 @@ class ImageStore:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, indices: Sequence[int]) -> np.ndarray:
-        """Images at ``indices`` as a new (len(indices), H, W, 3) array."""
-        out = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+    def read(self, indices: Sequence[int], rows: int | None = None) -> np.ndarray:
+        """Images at ``indices`` as a new (len(indices), H, W, 3) array; with ``rows``, an
+        array of that many rows whose rows after the images are zeros."""
+        if rows is None:
+            out = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+        elif rows < len(indices):
+            raise ValueError(f"{len(indices)} images do not fit in {rows} rows")
+        else:
+            out = np.zeros((rows, *self.shape[1:]), dtype=np.uint8)
         with open(self.path, "rb", buffering=0) as handle:
             for row, index in enumerate(indices):
                 if not 0 <= index < len(self):

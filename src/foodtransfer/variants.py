@@ -193,6 +193,11 @@ def run_features(params: Params, paths: Paths) -> str:
     result = extract_features(extractor, paths.trimmed, splits, paths.features, metadata={
         "backbone": params.backbone, "weights": params.weights, "image_size": params.image_size,
         "data_version": data_version(paths.split)})
+    # Timings go to a metrics file, not into data/features: its hash stays the same when the
+    # same features are extracted again, so downstream stages are not re-run.
+    write_text(paths.metrics / "features.json", json.dumps({
+        "images": result.images, "seconds": round(result.seconds, 3),
+        "images_per_second": round(result.images_per_second, 2)}, indent=2) + "\n")
     return (f"{params.backbone} features ({result.dim}-d) of {result.images} images at "
             f"{result.images_per_second:.1f} images/s into {paths.features}")
 
