@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from foodtransfer.config import DEFAULT_CLASSES, Params
+from foodtransfer import food101
+from foodtransfer.config import Params
 
 
 def run_download(params: Params, out: Path, cache: Path) -> str:
@@ -19,8 +20,9 @@ def run_download(params: Params, out: Path, cache: Path) -> str:
     if data.source == "sample":
         from foodtransfer.sample import build_sample_archive
 
-        # "all" on the sample means the 20 default classes: a 101-class sample buys nothing.
-        sample_classes = classes or list(DEFAULT_CLASSES)
+        # "all" on the sample means all 101 Food-101 classes, as on the real archive: the
+        # full dataset's shape runs offline (with few images per class, see data.sample).
+        sample_classes = classes or list(food101.CLASSES)
         archive = cache / f"food-101-sample-seed{params.seed}.tar.gz"
         build_sample_archive(archive, sample_classes, data.sample, params.seed)
         origin = f"generated sample {archive}"
