@@ -34,3 +34,7 @@ test-fast: $(STAMP)
 PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/foodtransfer ui --port $(PORT)
+
+# `make bench`: the side-by-side speed and memory benchmark (bench/benchmark.py, ~45 min on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python bench/benchmark.py

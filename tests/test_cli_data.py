@@ -102,6 +102,28 @@ def test_download_trim_split_on_the_sample(stages, write_params, tmp_path: Path)
     assert summary["per_class"]["val"] == {"pizza": 3, "sushi": 3, "tacos": 3}
 
 
+def test_all_classes_on_the_sample_is_the_full_food101_shape(stages, write_params,
+                                                              tmp_path: Path) -> None:
+    """`data.classes=all` + `samples_per_class=all` run offline with all 101 classes."""
+    from foodtransfer import food101
+
+    params = write_params({**SAMPLE_PARAMS, "data": {
+        **SAMPLE_PARAMS["data"], "classes": "all", "samples_per_class": "all",
+        "test_per_class": "all", "allow_fewer": True,
+        "sample": {"train_per_class": 3, "test_per_class": 1, "min_side": 16, "max_side": 16}}})
+    raw, trimmed = tmp_path / "raw", tmp_path / "trimmed"
+    result = invoke(stages["download"], "--params", params, "--out", raw,
+                    "--cache", tmp_path / "downloads")
+    assert result.exit_code == 0, result.output
+    assert "extracted 404 images of 101 classes" in result.stdout
+    result = invoke(stages["trim"], "--params", params, "--raw", raw, "--out", trimmed)
+    assert result.exit_code == 0, result.output
+    assert json.loads((trimmed / "classes.json").read_text()) == list(food101.CLASSES)
+    # 3 train images per class, minus the sample's bad files that cannot be decoded
+    train = pd.read_csv(trimmed / "train.csv")
+    assert train["class_name"].nunique() == 101 and 290 <= len(train) <= 303
+
+
 def test_download_with_a_file_url_and_wrong_md5(stages, write_params, tmp_path: Path) -> None:
     from foodtransfer.config import SampleConfig
     from foodtransfer.sample import build_sample_archive

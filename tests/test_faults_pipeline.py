@@ -368,7 +368,8 @@ def test_sigkill_leaves_nothing_dvc_takes_as_complete(interrupted, stage: str) -
     if stage == "trim":
         assert result.workers and alive(result.workers) == [], "orphaned decode workers"
     if stage == "dropout":
-        # SIGKILL cannot be caught: its MLflow run stays RUNNING (not FINISHED), no metrics.
+        # SIGKILL cannot be caught: its MLflow run never finished and has no test metrics
+        # (the next run on this host marks it KILLED: see the recovery test).
         _, runs = mlflow_runs(interrupted["repo"])
         (run_,) = [r for r in runs if r.info.run_id == result.run_id]
         assert run_.info.status != "FINISHED"
@@ -403,6 +404,12 @@ def test_repro_after_interruptions_gives_the_uninterrupted_results(interrupted) 
     assert latest.data.metrics == interrupted["run"].data.metrics | {
         k: latest.data.metrics[k] for k in TIMING_KEYS if k in latest.data.metrics}
     assert latest.data.tags["data_version"] == interrupted["data_version"]
+    # The run a SIGKILL left RUNNING (nothing could end it) was ended as KILLED by the next
+    # stage that opened a run on this host, seeing its process gone.
+    killed = interrupted["results"]["dropout", signal.SIGKILL]
+    (run_,) = [r for r in runs if r.info.run_id == killed.run_id]
+    assert run_.info.status == "KILLED"
+    assert run_.data.tags["pid"] == str(killed.pid)
 
 
 # ----------------------------------------------------------------------------- 5. tracking

@@ -103,6 +103,31 @@ def image_dataset(trimmed_dir: Path, split: Split, batch_size: int, *, shuffle: 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def npy_dataset(path: Path, labels: np.ndarray, batch_size: int, *, shuffle: bool = False,
+                seed: int = 0):
+    """(rows, labels) batches of a .npy file read from disk through a memory map, batch by
+    batch: memory does not grow with the file (bounded read-ahead of 2 batches)."""
+    import tensorflow as tf
+
+    rows = np.load(path, mmap_mode="r")
+    if len(rows) != len(labels):
+        raise DataError(f"{path} has {len(rows)} rows for {len(labels)} labels")
+
+    def read(indices: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(rows[indices])
+
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(labels)), labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def load(indices, batch_labels):
+        x = tf.numpy_function(read, [indices], tf.as_dtype(rows.dtype), stateful=False)
+        return tf.ensure_shape(x, (None, *rows.shape[1:])), batch_labels
+
+    return ds.map(load, num_parallel_calls=2, deterministic=True).prefetch(2)
+
+
 def load_features(features_dir: Path, name: str) -> np.ndarray:
     path = features_dir / f"{name}.npy"
     if not path.is_file():

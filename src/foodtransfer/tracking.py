@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import time
@@ -287,16 +288,56 @@ class VariantRun:
         return info.model_uri
 
 
+HOST_TAG, PID_TAG = "host", "pid"  # where a run's process runs: to find runs left RUNNING
+
+
+def _process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the runs of this experiment that are still RUNNING although the process
+    that started them on this host is gone (SIGKILL, power loss: nothing could end them).
+    Returns their ids. Runs of other hosts are left alone: their processes cannot be seen."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = retry_on_lock(client.search_runs)(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+        f"tags.{HOST_TAG} = '{socket.gethostname()}'", max_results=1000)
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            retry_on_lock(client.set_terminated)(run.info.run_id, status="KILLED")
+            log.info("MLflow run %s (%s) marked killed: its process %s is gone",
+                     run.info.run_id, run.info.run_name, pid)
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def variant_run(experiment: str, variant: str, params: dict[str, Any],
                 tags: dict[str, str]) -> Iterator[VariantRun]:
     """Start the MLflow run of ``variant``; it ends FINISHED, or FAILED on any exception
-    (SIGTERM included: stages turn it into an exception), never RUNNING forever."""
+    (SIGTERM included: stages turn it into an exception), never RUNNING forever. Runs that a
+    killed process left RUNNING are ended as KILLED first (:func:`end_orphaned_runs`)."""
     import mlflow
 
-    connect(experiment)
+    end_orphaned_runs(connect(experiment))
     root = project_root()
-    all_tags = {"variant": variant, "data_version": tags.pop("data_version", "unknown")}
+    all_tags = {"variant": variant, "data_version": tags.pop("data_version", "unknown"),
+                **_process_tags()}
     commit = git_commit(root)
     if commit:
         all_tags["git_commit"] = commit
@@ -330,8 +371,8 @@ def pipeline_run(experiment: str, params: dict[str, Any],
     logs to it like a variant run."""
     import mlflow
 
-    connect(experiment)
-    all_tags = {"run_kind": "pipeline", **tags}
+    end_orphaned_runs(connect(experiment))
+    all_tags = {"run_kind": "pipeline", **tags, **_process_tags()}
     commit = git_commit(project_root())
     if commit:
         all_tags["git_commit"] = commit

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from foodtransfer import plots
-from foodtransfer.atomic import atomic_dir, write_text
+from foodtransfer.atomic import atomic_dir, scratch_dir, write_text
 from foodtransfer.config import Params, flatten
 from foodtransfer.datasets import (Split, image_dataset, load_classes, load_features,
                                    load_splits)
 from foodtransfer.errors import DataError
 from foodtransfer.evaluation import Evaluation, evaluate
+from foodtransfer.images import NpyWriter
 from foodtransfer.split import data_version
 from foodtransfer.training import History
 
@@ -363,13 +364,14 @@ def run_finetune(params: Params, paths: Paths) -> str:
     learning_rate = params.learning_rate * config.lr_scale
     extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
                              **training.record()}
-    with _open_run(params, "finetune", paths, training) as run:
+    with _open_run(params, "finetune", paths, training) as run, \
+            scratch_dir(paths.models / "finetune-bottom") as scratch:
         if parts is not None:
             # Exact shortcut: the frozen bottom's output per image never changes, so compute
-            # it once; each epoch then runs only the unfrozen top and the head.
+            # it once (to disk); each epoch then runs only the unfrozen top and the head.
             started = time.perf_counter()
             trainable_model, train, val = _cached_bottom_setup(
-                model, *parts, paths, splits, batch, params.seed, training.strategy)
+                model, *parts, paths, splits, batch, params.seed, training.strategy, scratch)
             extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
             extra["cached_bottom"] = 1
         else:
@@ -398,14 +400,15 @@ def run_finetune(params: Params, paths: Paths) -> str:
 
 
 def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Split],
-                         batch: int, seed: int, strategy):
+                         batch: int, seed: int, strategy, scratch: Path):
     """(model from the cut to the probabilities, train dataset, validation dataset), the
-    datasets holding the frozen bottom's outputs computed once for every image. The model is
+    datasets reading the frozen bottom's outputs, computed once for every image and written
+    to ``scratch`` (streamed: memory does not grow with the number of images). The model is
     created in ``strategy``'s scope, to be compiled and trained there."""
     import keras
     import tensorflow as tf
 
-    from foodtransfer.training import array_dataset
+    from foodtransfer.datasets import npy_dataset
 
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
     head = model.get_layer("head")
@@ -415,16 +418,19 @@ def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Spl
     bottom_model = keras.Model(image, bottom(x, training=False), name="frozen_bottom")
     forward = tf.function(lambda images: bottom_model(images, training=False),
                           reduce_retracing=True)
-    cached = {}
+    shape = tuple(bottom_model.output_shape[1:])
     for name in ("train", "val"):
         dataset = image_dataset(paths.trimmed, splits[name], 32, with_labels=False)
-        cached[name] = np.concatenate([forward(images).numpy() for images in dataset])
+        with NpyWriter(scratch / f"{name}.npy", shape, "float32") as writer:
+            for images in dataset:
+                writer.extend(forward(images).numpy().astype("float32", copy=False))
     with strategy.scope():
         cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
         outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
         trainable_model = keras.Model(cut, outputs, name="finetune_top")
-    train = array_dataset(cached["train"], splits["train"].labels, batch, shuffle=True, seed=seed)
-    val = array_dataset(cached["val"], splits["val"].labels, batch)
+    train = npy_dataset(scratch / "train.npy", splits["train"].labels, batch, shuffle=True,
+                        seed=seed)
+    val = npy_dataset(scratch / "val.npy", splits["val"].labels, batch)
     return trainable_model, train, val
 
 
