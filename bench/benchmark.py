@@ -28,11 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "tests"))
@@ -126,7 +124,6 @@ def bench_head_and_features(args, repo: Path, results: dict) -> None:
                                                             verbose=0), args.repeats)
     forward_seconds = median_time(lambda: [forward(batch[i:i + 32]).numpy()
                                            for i in range(0, in_memory, 32)], args.repeats)
-    del batch, as_float
     limit = in_memory / min(predict_seconds, forward_seconds)
     results["features"] = {
         "images": images, "pipeline_images_per_s": images / path_seconds,

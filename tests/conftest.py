@@ -7,8 +7,11 @@ session-scoped fixture returns; copy it first.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,15 @@ def sample_trimmed_dir(sample_raw_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 # ------------------------------------------------------------------------ params fixtures
 
+def merge_params(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s keys replaced, recursively into sections."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (merge_params(base.get(key, {}), value) if isinstance(value, dict)
+                       else value)
+    return merged
+
+
 @pytest.fixture
 def write_params(tmp_path: Path) -> Callable[..., Path]:
     """Write a params.yaml into tmp_path: ``write_params({"seed": 1}, name="p.yaml")``."""
@@ -76,3 +88,22 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+# ------------------------------------------------------------------ loopback HTTP servers
+
+@contextlib.contextmanager
+def loopback_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """Serve ``handler`` on 127.0.0.1 at a free port (one thread per request) while the block
+    runs; yields the port."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import loopback_http_server
 from foodtransfer import food101
 from foodtransfer.config import parse_params
 from foodtransfer.download import (
@@ -118,18 +119,8 @@ def _handler_for(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
 @pytest.fixture
 def server() -> Iterator[FileServer]:
     state = FileServer()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(state))
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    try:
+    with loopback_http_server(_handler_for(state)) as state.port:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

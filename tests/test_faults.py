@@ -28,7 +28,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, loopback_http_server, merge_params
 from foodtransfer import food101
 
 STAGE_TIME_LIMIT = 20.0  # "within seconds": a params error must not wait for TensorFlow
@@ -40,13 +40,6 @@ VALID = {
              "sample": {"train_per_class": 5, "test_per_class": 2, "min_side": 16,
                         "max_side": 24}},
 }
-
-
-def merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
 
 
 def run_stage(stage: str, cwd: Path, *args: str, env: dict[str, str] | None = None,
@@ -98,18 +91,11 @@ def server() -> Iterator[Server]:
             self.wfile.flush()
             stop.wait(10)  # a client that keeps reading would wait here, not get 5 GB
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback_http_server(Handler) as state.port:
+        try:
+            yield state
+        finally:
+            stop.set()  # before the server shuts down: release a stalled handler
 
 
 # -------------------------------------------------- params: the real stage scripts, in seconds
@@ -146,8 +132,8 @@ def test_bad_params_stop_the_real_stage_within_seconds(case: str, tmp_path: Path
                                                        server: Server) -> None:
     stage, override, expected = PARAMS_FAULTS[case]
     # The real archive source, at a server that counts requests: a download would show.
-    params = merge(merge(VALID, {"data": {"source": "food101", "url": server.url(),
-                                          "md5": None}}), override)
+    online = {"data": {"source": "food101", "url": server.url(), "md5": None}}
+    params = merge_params(merge_params(VALID, online), override)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     result, seconds = run_stage(stage, tmp_path)
@@ -169,7 +155,7 @@ def test_dns_failure_is_one_clear_error(tmp_path: Path) -> None:
     # .invalid is reserved (RFC 2606): it never resolves, and fails without network traffic.
     url = "http://food101.invalid/food-101.tar.gz"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        merge(VALID, {"data": {"source": "food101", "url": url, "md5": None}})))
+        merge_params(VALID, {"data": {"source": "food101", "url": url, "md5": None}})))
     result, seconds = run_stage("download", tmp_path)
     assert result.returncode == 2, result.stderr
     assert seconds < 60
@@ -187,7 +173,8 @@ def test_not_enough_disk_space_stops_before_the_body(tmp_path: Path, server: Ser
     # The server announces more bytes than the disk holds (a 5 GB archive on a small disk).
     server.announce = shutil.disk_usage(tmp_path).free + (1 << 40)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        merge(VALID, {"data": {"source": "food101", "url": server.url(), "md5": None}})))
+        merge_params(VALID, {"data": {"source": "food101", "url": server.url(),
+                                      "md5": None}})))
     result, seconds = run_stage("download", tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     assert seconds < STAGE_TIME_LIMIT

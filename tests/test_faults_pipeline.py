@@ -326,7 +326,6 @@ def interrupted(reference):
 @pytest.mark.parametrize("stage", ["trim", "features", "dropout"])
 def test_sigterm_exits_143_and_leaves_nothing(interrupted, stage: str) -> None:
     result = interrupted["results"][stage, signal.SIGTERM]
-    repo = interrupted["repo"]
     assert result.returncode == 143, result.stderr
     assert f"{stage}: {TERMINATED}" in result.stderr
     assert "Traceback" not in result.stderr

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import merge_params
+
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -34,13 +36,6 @@ TINY = {
     "fine_tune": {"epochs": 1, "unfreeze": 5},
     "mlflow": {"experiment": "e2e"},
 }
-
-
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) else value
-    return merged
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -64,7 +59,7 @@ def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
     for name in ("pipeline", "src"):
         shutil.copytree(PROJECT / name, repo / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = _merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
+    params = merge_params(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "DVC_"))}

@@ -18,7 +18,8 @@ def _prefix(path: Path) -> str:
     return f".{path.name}.pid{os.getpid()}."
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -36,7 +37,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         for entry in path.parent.iterdir():
             match = pattern.match(entry.name)
-            if match is None or _alive(int(match.group(1))):
+            if match is None or process_alive(int(match.group(1))):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -45,6 +46,14 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
                     entry.unlink()
             removed.append(entry)
     return removed
+
+
+def _temporary_dir(path: Path) -> Path:
+    """A new empty hidden folder beside ``path``, named for this process, after removing the
+    ones killed writers left there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    return Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -82,9 +91,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     not an output) and the next write of ``path`` removes it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = _temporary_dir(path)
     try:
         yield tmp
         if path.exists():
@@ -104,9 +111,7 @@ def scratch_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path`` for intermediate files, removed on
     exit whatever happens (and, after a kill, by the next :func:`scratch_dir` of ``path``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = _temporary_dir(path)
     try:
         yield tmp
     finally:

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import http.client
 import logging
-import os
 import shutil
 import socket
 import tarfile

@@ -31,9 +31,9 @@ class FeatureResult:
 
 
 def compile_forward(extractor, batch_size: int = EXTRACT_BATCH):
-    """The extractor's forward pass as one compiled function of a fixed input: a batch of
-    exactly ``batch_size`` uint8 images, cast to float on the device. Traced once (XLA where
-    Keras would use it, i.e. on GPU)."""
+    """The forward pass of ``extractor`` (any Keras model of float images 0..255) as one
+    compiled function of a fixed input: a batch of exactly ``batch_size`` uint8 images, cast
+    to float on the device. Traced once (XLA where Keras would use it, i.e. on GPU)."""
     import tensorflow as tf
 
     height, width, channels = extractor.input_shape[1:]
@@ -44,7 +44,22 @@ def compile_forward(extractor, batch_size: int = EXTRACT_BATCH):
         return extractor(tf.cast(images, tf.float32), training=False)
 
     forward.batch_size = batch_size
+    forward.output_shape = tuple(extractor.output_shape[1:])
     return forward
+
+
+def write_outputs(forward, trimmed_dir: Path, split: Split, path: Path,
+                  on_batch=lambda count: None) -> None:
+    """Stream the images of ``split`` (manifest order) through ``forward`` (from
+    :func:`compile_forward`) into ``path``, a float32 .npy of one output row per image; memory
+    does not grow with the number of images. ``on_batch(count)`` follows the progress."""
+    dataset = image_dataset(trimmed_dir, split, forward.batch_size, with_labels=False,
+                            fixed_batches=True)
+    with NpyWriter(path, forward.output_shape, "float32") as writer:
+        for images, count in dataset:
+            count = int(count)
+            writer.extend(forward(images).numpy()[:count].astype("float32", copy=False))
+            on_batch(count)
 
 
 def extract_features(extractor, trimmed_dir: Path, splits: dict[str, Split], out_dir: Path,
@@ -61,16 +76,9 @@ def extract_features(extractor, trimmed_dir: Path, splits: dict[str, Split], out
     total = 0
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
-            dataset = image_dataset(trimmed_dir, split, forward.batch_size, with_labels=False,
-                                    fixed_batches=True)
-            with NpyWriter(tmp / f"{name}.npy", (dim,), "float32") as writer, progress(
-                    total=len(split), desc=f"features {name}", unit=" img",
-                    enabled=show_progress) as bar:
-                for images, count in dataset:
-                    count = int(count)
-                    features = forward(images).numpy()[:count].astype("float32", copy=False)
-                    writer.extend(features)
-                    bar.update(count)
+            with progress(total=len(split), desc=f"features {name}", unit=" img",
+                          enabled=show_progress) as bar:
+                write_outputs(forward, trimmed_dir, split, tmp / f"{name}.npy", bar.update)
             total += len(split)
         (tmp / "meta.json").write_text(json.dumps(
             {**metadata, "dim": dim, "images": total}, indent=2) + "\n")

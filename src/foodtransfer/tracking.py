@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from foodtransfer.atomic import process_alive
 from foodtransfer.errors import TrackingError
 
 log = logging.getLogger(__name__)
@@ -295,16 +296,6 @@ def _process_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def end_orphaned_runs(experiment_id: str) -> list[str]:
     """End as KILLED the runs of this experiment that are still RUNNING although the process
     that started them on this host is gone (SIGKILL, power loss: nothing could end them).
@@ -318,7 +309,7 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     ended = []
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             retry_on_lock(client.set_terminated)(run.info.run_id, status="KILLED")
             log.info("MLflow run %s (%s) marked killed: its process %s is gone",
                      run.info.run_id, run.info.run_name, pid)

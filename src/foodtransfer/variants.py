@@ -28,7 +28,6 @@ from foodtransfer.datasets import (Split, image_dataset, load_classes, load_feat
                                    load_splits)
 from foodtransfer.errors import DataError
 from foodtransfer.evaluation import Evaluation, evaluate
-from foodtransfer.images import NpyWriter
 from foodtransfer.split import data_version
 from foodtransfer.training import History
 
@@ -406,9 +405,9 @@ def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Spl
     to ``scratch`` (streamed: memory does not grow with the number of images). The model is
     created in ``strategy``'s scope, to be compiled and trained there."""
     import keras
-    import tensorflow as tf
 
     from foodtransfer.datasets import npy_dataset
+    from foodtransfer.features import compile_forward, write_outputs
 
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
     head = model.get_layer("head")
@@ -416,14 +415,9 @@ def _cached_bottom_setup(model, bottom, top, paths: Paths, splits: dict[str, Spl
     image = keras.Input(model.input_shape[1:], name="image")
     x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
     bottom_model = keras.Model(image, bottom(x, training=False), name="frozen_bottom")
-    forward = tf.function(lambda images: bottom_model(images, training=False),
-                          reduce_retracing=True)
-    shape = tuple(bottom_model.output_shape[1:])
+    forward = compile_forward(bottom_model)
     for name in ("train", "val"):
-        dataset = image_dataset(paths.trimmed, splits[name], 32, with_labels=False)
-        with NpyWriter(scratch / f"{name}.npy", shape, "float32") as writer:
-            for images in dataset:
-                writer.extend(forward(images).numpy().astype("float32", copy=False))
+        write_outputs(forward, paths.trimmed, splits[name], scratch / f"{name}.npy")
     with strategy.scope():
         cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
         outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
