@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "tests"))
@@ -78,6 +80,11 @@ def make_project(root: Path, params: dict) -> tuple[Path, dict[str, str]]:
     return make_repo(root, params)
 
 
+def stage_command(repo: Path, stage: str) -> list[str]:
+    """The stage's command line as dvc.yaml gives it (the paths come from there)."""
+    return shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+
+
 def stage_seconds(output: str) -> dict[str, float]:
     """Per-stage wall time from the stages' summary lines ('<stage>: ... [12.3s]')."""
     return {name: float(seconds) for name, seconds in
@@ -88,13 +95,13 @@ def bench_head_and_features(args, repo: Path, results: dict) -> None:
     import keras
     import numpy as np
 
-    from foodtransfer.datasets import load_splits
-    from foodtransfer.features import compile_forward, extract_features
-    from foodtransfer.models import (build_feature_extractor, build_head,
-                                     build_image_classifier, compile_classifier,
-                                     make_optimizer)
-    from foodtransfer.datasets import image_dataset
-    from foodtransfer.training import array_dataset
+    from foodtransfer.data.datasets import image_dataset
+    from foodtransfer.data.manifests import load_splits
+    from foodtransfer.models.classifiers import (build_feature_extractor, build_head,
+                                                 build_image_classifier)
+    from foodtransfer.models.inference import compile_forward
+    from foodtransfer.stages.features import extract_features
+    from foodtransfer.training.loop import array_dataset, compile_classifier, make_optimizer
 
     keras.utils.set_random_seed(0)
     trimmed, splits = repo / "data/trimmed", load_splits(repo / "data/split")
@@ -167,14 +174,14 @@ def bench_memory(args, root: Path, results: dict) -> None:
         per_class = args.memory_per_class * factor
         params = tiny_params(args, per_class)
         repo, env = make_project(root / f"memory{factor}", params)
-        subprocess.run(["python", "pipeline/download.py"], cwd=repo, env=env, check=True,
+        subprocess.run(stage_command(repo, "download"), cwd=repo, env=env, check=True,
                        capture_output=True)
         # Peak RSS varies by several % from run to run (thread timing): medians of repeats.
-        trim = statistics.median(peak_rss_mb(["python", "pipeline/trim.py"], repo, env)
+        trim = statistics.median(peak_rss_mb(stage_command(repo, "trim"), repo, env)
                                  for _ in range(args.repeats))
-        subprocess.run(["python", "pipeline/split.py"], cwd=repo, env=env, check=True,
+        subprocess.run(stage_command(repo, "split"), cwd=repo, env=env, check=True,
                        capture_output=True)
-        features = statistics.median(peak_rss_mb(["python", "pipeline/features.py"], repo, env)
+        features = statistics.median(peak_rss_mb(stage_command(repo, "features"), repo, env)
                                      for _ in range(args.repeats))
         rows[factor] = {"images": per_class * args.classes * 2, "trim_mb": trim,
                         "features_mb": features}
@@ -196,7 +203,7 @@ def tiny_params(args, per_class: int) -> dict:
                             "test_per_class": max(2, per_class // 4),
                             "min_side": 200, "max_side": 400}},
         "baseline": {"epochs": 1, "image_size": 64},
-        "fine_tune": {"epochs": args.finetune_epochs, "unfreeze": 30},
+        "finetune": {"epochs": args.finetune_epochs, "unfreeze": 30},
         "mlflow": {"experiment": "benchmark"},
     }
 
@@ -243,7 +250,7 @@ def main() -> None:
                 # what DVC itself takes in the exp run (workspace, hashing, commit), not a stage
                 "exp_dvc_overhead_s": experiment_seconds - sum(stages.values())}
             cached = json.loads((repo / "metrics/finetune.json").read_text())
-            subprocess.run(["dvc", "exp", "run", "-S", "fine_tune.cache_frozen=false"], cwd=repo,
+            subprocess.run(["dvc", "exp", "run", "-S", "finetune.cache_frozen=false"], cwd=repo,
                            env=env, capture_output=True, text=True, check=True)
             uncached = json.loads((repo / "metrics/finetune.json").read_text())
             results["finetune"] = {

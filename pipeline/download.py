@@ -1,25 +1,30 @@
-"""DVC stage `download`: fetch (or generate) the archive, verify it, extract what is needed."""
+"""DVC stage `download`: fetch (or generate) the archive, verify it, extract what is needed.
+
+Logic: src/foodtransfer/stages/download.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import run_stage
+from foodtransfer.stages.runner import CACHE, OUTPUT, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    out: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                             help="Extracted meta/ and images of the chosen classes."),
+    cache: Path = typer.Option(..., rich_help_panel=CACHE,
+                               help="Download cache (not a DVC output: a cut download resumes)."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
-    out: Path = typer.Option(Path("data/raw"), help="Extracted images of the chosen classes."),
-    cache: Path = typer.Option(Path("data/downloads"), help="Download cache (not a DVC output)."),
 ) -> None:
     def body() -> str:
-        from foodtransfer.steps import run_download
+        from foodtransfer.stages.download import run
 
-        return run_download(load_params(params), out, cache)
+        return run(load_params(params), out, cache)
 
     run_stage("download", body)
 

@@ -1,26 +1,45 @@
-"""DVC stage `dropout`: the transfer head with Dropout(dropout) and an L1L2(l1, l2) kernel regulariser."""
+"""DVC stage `dropout`: the transfer head with Dropout(dropout) and an L1L2(l1, l2)
+kernel regulariser.
+
+Logic: src/foodtransfer/stages/dropout.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import prepare_tensorflow, run_stage
+from foodtransfer.stages.runner import INPUT, OUTPUT, prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    trimmed: Path = typer.Option(..., rich_help_panel=INPUT,
+                                 help="The trim stage's image stores."),
+    split: Path = typer.Option(..., rich_help_panel=INPUT, help="The split stage's manifests."),
+    features: Path = typer.Option(..., rich_help_panel=INPUT,
+                                  help="The features stage's cached features."),
+    metrics: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                                 help="Metrics file (metrics/<variant>.json)."),
+    plots: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                               help="Plots folder (history.csv, predictions.csv)."),
+    artifacts: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                                   help="Figures, report, class names, MLflow run id."),
+    model: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                               help="Model folder (model.keras, classes.json)."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
     prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing TensorFlow
-        from foodtransfer.variants import Paths, run_head
+        from foodtransfer.results import VariantPaths
+        from foodtransfer.stages.dropout import run
 
-        return run_head(config, Paths(), "dropout")
+        return run(config, trimmed, split, features,
+                   VariantPaths(metrics, plots, artifacts, model))
 
     run_stage("dropout", body)
 

@@ -1,26 +1,36 @@
-"""DVC stage `features`: run the frozen backbone once over train, validation and test; cache the pooled features."""
+"""DVC stage `features`: run the frozen backbone once over every image; cache the pooled features.
+
+Logic: src/foodtransfer/stages/features.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import prepare_tensorflow, run_stage
+from foodtransfer.stages.runner import INPUT, OUTPUT, prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    trimmed: Path = typer.Option(..., rich_help_panel=INPUT,
+                                 help="The trim stage's image stores."),
+    split: Path = typer.Option(..., rich_help_panel=INPUT, help="The split stage's manifests."),
+    out: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                             help="Cached features train/val/test.npy and meta.json."),
+    metrics: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                                 help="Extraction timings (metrics/features.json)."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
     prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing TensorFlow
-        from foodtransfer.variants import Paths, run_features
+        from foodtransfer.stages.features import run
 
-        return run_features(config, Paths())
+        return run(config, trimmed, split, out, metrics)
 
     run_stage("features", body)
 

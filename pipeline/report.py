@@ -1,26 +1,45 @@
-"""DVC stage `report`: compare the variants (reports/), group their MLflow runs, register the champion."""
+"""DVC stage `report`: compare the variants (reports/), group their MLflow runs, register the
+champion.
+
+Logic: src/foodtransfer/stages/report.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import prepare_tensorflow, run_stage
+from foodtransfer.errors import ConfigError
+from foodtransfer.stages.runner import INPUT, OUTPUT, prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    trimmed: Path = typer.Option(..., rich_help_panel=INPUT,
+                                 help="The trim stage's image stores."),
+    split: Path = typer.Option(..., rich_help_panel=INPUT, help="The split stage's manifests."),
+    metrics: list[Path] = typer.Option(..., rich_help_panel=INPUT,
+                                       help="Each variant's metrics file, in report order."),
+    plots: list[Path] = typer.Option(..., rich_help_panel=INPUT,
+                                     help="Each variant's plots folder, same order."),
+    artifacts: list[Path] = typer.Option(..., rich_help_panel=INPUT,
+                                         help="Each variant's artifacts folder, same order."),
+    out: Path = typer.Option(..., rich_help_panel=OUTPUT, help="The report folder."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
     prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing MLflow and matplotlib
-        from foodtransfer.report import ReportPaths, run_report
+        if not len(metrics) == len(plots) == len(artifacts):
+            raise ConfigError(f"report: give one --metrics, --plots and --artifacts per variant "
+                              f"(got {len(metrics)}, {len(plots)} and {len(artifacts)}).")
+        from foodtransfer.stages.report import VariantSource, run
 
-        return run_report(config, ReportPaths())
+        sources = [VariantSource(*paths) for paths in zip(metrics, plots, artifacts)]
+        return run(config, trimmed, split, sources, out)
 
     run_stage("report", body)
 

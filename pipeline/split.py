@@ -1,26 +1,32 @@
-"""DVC stage `split`: stratified train/validation split, test set from the official list."""
+"""DVC stage `split`: stratified, seeded train/validation split; the official test list
+is held out.
+
+Logic: src/foodtransfer/stages/split.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import run_stage
+from foodtransfer.stages.runner import INPUT, OUTPUT, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    trimmed: Path = typer.Option(..., rich_help_panel=INPUT, help="The trim stage's output."),
+    out: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                             help="Split manifests train/val/test.csv."),
+    metrics: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                                 help="Class counts per split (metrics/split.json)."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
-    trimmed: Path = typer.Option(Path("data/trimmed"), help="Output of the trim stage."),
-    out: Path = typer.Option(Path("data/split"), help="train/val/test manifests."),
-    metrics: Path = typer.Option(Path("metrics/split.json"), help="Class counts per split."),
 ) -> None:
     def body() -> str:
-        from foodtransfer.steps import run_split
+        from foodtransfer.stages.split import run
 
-        return run_split(load_params(params), trimmed, out, metrics)
+        return run(load_params(params), trimmed, out, metrics)
 
     run_stage("split", body)
 

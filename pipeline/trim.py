@@ -1,25 +1,30 @@
-"""DVC stage `trim`: pick and decode the images of the chosen classes, once."""
+"""DVC stage `trim`: decode the chosen classes' images once into image stores.
+
+Logic: src/foodtransfer/stages/trim.py. Paths come from this stage's cmd in dvc.yaml.
+"""
 
 from pathlib import Path
 
 import typer
 
 from foodtransfer.config import load_params
-from foodtransfer.stage import run_stage
+from foodtransfer.stages.runner import INPUT, OUTPUT, run_stage
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def main(
+    raw: Path = typer.Option(..., rich_help_panel=INPUT,
+                             help="The download stage's extracted archive."),
+    out: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                             help="Image stores, manifests, classes and skipped-file report."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
-    raw: Path = typer.Option(Path("data/raw"), help="Output of the download stage."),
-    out: Path = typer.Option(Path("data/trimmed"), help="Decoded image stores and manifests."),
 ) -> None:
     def body() -> str:
-        from foodtransfer.steps import run_trim
+        from foodtransfer.stages.trim import run
 
-        return run_trim(load_params(params), raw, out)
+        return run(load_params(params), raw, out)
 
     run_stage("trim", body)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import shlex
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,14 +32,14 @@ os.environ["FOODTRANSFER_PROGRESS"] = "0"
 SAMPLE_CLASSES = ["pizza", "sushi", "tacos"]
 SAMPLE_SEED = 7
 # Class 0 (pizza) gets an empty and a truncated file in its train list, class 1 (sushi) a PNG
-# named .jpg (foodtransfer.sample.BAD_FILES): pizza has 10 usable train images, the others 12.
+# named .jpg (foodtransfer.data.sample.BAD_FILES): pizza has 10 usable train images, the others 12.
 SAMPLE_CONFIG = SampleConfig(train_per_class=12, test_per_class=4, min_side=16, max_side=40)
 
 
 @pytest.fixture(scope="session")
 def sample_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated sample .tar.gz (SAMPLE_CLASSES, SAMPLE_CONFIG, SAMPLE_SEED). Read-only."""
-    from foodtransfer.sample import build_sample_archive
+    from foodtransfer.data.sample import build_sample_archive
 
     path = tmp_path_factory.mktemp("sample") / "food-101-sample.tar.gz"
     build_sample_archive(path, SAMPLE_CLASSES, SAMPLE_CONFIG, SAMPLE_SEED, show_progress=False)
@@ -48,7 +49,7 @@ def sample_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_raw_dir(sample_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``sample_archive`` extracted as the download stage does. Read-only."""
-    from foodtransfer.download import extract
+    from foodtransfer.data.archive import extract
 
     raw = tmp_path_factory.mktemp("sample_raw") / "raw"
     extract(sample_archive, raw, list(SAMPLE_CLASSES), show_progress=False)
@@ -58,13 +59,22 @@ def sample_raw_dir(sample_archive: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def sample_trimmed_dir(sample_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``sample_raw_dir`` trimmed to 10 train + 3 test images per class at 16 px. Read-only."""
-    from foodtransfer.trim import trim
+    from foodtransfer.stages.trim import trim
 
     out = tmp_path_factory.mktemp("sample_trimmed") / "trimmed"
     trim(sample_raw_dir, out, classes=list(SAMPLE_CLASSES), samples_per_class=10,
          test_per_class=3, allow_fewer=False, image_size=16, seed=SAMPLE_SEED, workers=1,
          show_progress=False)
     return out
+
+
+# ------------------------------------------------------------------------ the stage commands
+def stage_args(stage: str) -> list[str]:
+    """The arguments dvc.yaml passes to ``pipeline/<stage>.py`` (its paths), so that tests run
+    a stage script exactly as DVC does."""
+    command = shlex.split(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+                          ["stages"][stage]["cmd"])
+    return command[2:]
 
 
 # ------------------------------------------------------------------------ params fixtures

@@ -105,7 +105,7 @@ def test_download_trim_split_on_the_sample(stages, write_params, tmp_path: Path)
 def test_all_classes_on_the_sample_is_the_full_food101_shape(stages, write_params,
                                                               tmp_path: Path) -> None:
     """`data.classes=all` + `samples_per_class=all` run offline with all 101 classes."""
-    from foodtransfer import food101
+    from foodtransfer.data import food101
 
     params = write_params({**SAMPLE_PARAMS, "data": {
         **SAMPLE_PARAMS["data"], "classes": "all", "samples_per_class": "all",
@@ -126,11 +126,11 @@ def test_all_classes_on_the_sample_is_the_full_food101_shape(stages, write_param
 
 def test_download_with_a_file_url_and_wrong_md5(stages, write_params, tmp_path: Path) -> None:
     from foodtransfer.config import SampleConfig
-    from foodtransfer.sample import build_sample_archive
+    from foodtransfer.data.sample import build_sample_archive
 
     archive = tmp_path / "food-101.tar.gz"
-    build_sample_archive(archive, ["pizza", "sushi"], SampleConfig(2, 1, 16, 16), 0,
-                         show_progress=False)
+    config = SampleConfig(train_per_class=2, test_per_class=1, min_side=16, max_side=16)
+    build_sample_archive(archive, ["pizza", "sushi"], config, 0, show_progress=False)
     params = write_params({"data": {"url": archive.as_uri(), "md5": "0" * 32,
                                     "classes": ["pizza", "sushi"]}})
     out = tmp_path / "raw"
@@ -179,6 +179,14 @@ def test_a_missing_params_file(stages, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "trim: error: params:" in result.stderr and "not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_path_option_is_a_usage_error(stages, write_params, tmp_path: Path) -> None:
+    """Paths come from dvc.yaml only: a stage script run without them says which is missing."""
+    result = invoke(stages["trim"], "--params", write_params(SAMPLE_PARAMS), "--raw",
+                    tmp_path / "raw")
+    assert result.exit_code == 2
+    assert "Missing option '--out'" in result.output
 
 
 def test_trim_on_a_missing_download_output(stages, write_params, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from foodtransfer import food101
+from foodtransfer.data import food101
 from foodtransfer.config import (
     BACKBONES,
     DEFAULT_CLASSES,
@@ -15,7 +15,7 @@ from foodtransfer.config import (
     FOOD101_URL,
     BaselineConfig,
     DataConfig,
-    FineTuneConfig,
+    FinetuneConfig,
     MlflowConfig,
     Params,
     SampleConfig,
@@ -48,7 +48,7 @@ def test_empty_mapping_gives_the_defaults() -> None:
     assert params.data.samples_per_class == 256 and params.data.test_per_class == 100
     assert params.data.val_fraction == 0.2 and params.data.allow_fewer is False
     assert params.data.sample == SampleConfig()
-    assert params.fine_tune.unfreeze == 30 and params.baseline.image_size == 128
+    assert params.finetune.unfreeze == 30 and params.baseline.image_size == 128
 
 
 def test_none_is_treated_as_an_empty_file() -> None:
@@ -250,8 +250,8 @@ def test_all_is_accepted(key: str) -> None:
     assert getattr(params.data, key) == "all"
 
 
-def test_all_is_accepted_for_fine_tune_unfreeze() -> None:
-    assert parse_params({"fine_tune": {"unfreeze": "all"}}).fine_tune.unfreeze == "all"
+def test_all_is_accepted_for_finetune_unfreeze() -> None:
+    assert parse_params({"finetune": {"unfreeze": "all"}}).finetune.unfreeze == "all"
 
 
 def test_md5_null_is_accepted() -> None:
@@ -278,7 +278,7 @@ def test_flatten_gives_flat_dotted_keys() -> None:
     assert flat["data.val_fraction"] == 0.25
     assert flat["data.classes"] == "pizza,sushi"
     assert flat["data.sample.max_side"] == 400
-    assert flat["fine_tune.lr_scale"] == 0.1
+    assert flat["finetune.lr_scale"] == 0.1
     assert flat["dropout"] == 0.6 and flat["seed"] == 42
     assert flat["mlflow.experiment"] == "food101-transfer"
     assert flat["data.md5"] == FOOD101_MD5
@@ -289,11 +289,21 @@ def test_flatten_gives_flat_dotted_keys() -> None:
 
 def test_flatten_covers_every_field() -> None:
     flat = flatten(Params())
-    n_leaves = (len(Params.__dataclass_fields__) - 4  # data, baseline, fine_tune, mlflow
-                + len(DataConfig.__dataclass_fields__) - 1  # data.sample
-                + len(SampleConfig.__dataclass_fields__)
-                + len(BaselineConfig.__dataclass_fields__)
-                + len(FineTuneConfig.__dataclass_fields__)
-                + len(MlflowConfig.__dataclass_fields__))
+    sections = {"data": DataConfig, "baseline": BaselineConfig, "finetune": FinetuneConfig,
+                "mlflow": MlflowConfig}
+    n_leaves = (len(Params.model_fields) - len(sections)
+                + sum(len(section.model_fields) for section in sections.values())
+                - 1 + len(SampleConfig.model_fields))  # data.sample is a section too
     assert len(flat) == n_leaves
     assert flatten(parse_params({"data": {"classes": "all"}}))["data.classes"] == "all"
+
+
+def test_the_old_fine_tune_section_points_to_finetune() -> None:
+    message = config_error({"fine_tune": {"epochs": 3}})
+    assert "unknown key 'fine_tune'" in message and "Did you mean 'finetune'?" in message
+
+
+def test_a_value_of_the_right_type_in_a_union_is_range_checked() -> None:
+    message = config_error({"finetune": {"unfreeze": 0}})
+    assert "finetune.unfreeze = 0" in message and "out of range" in message and ">= 1" in message
+    assert parse_params({"finetune": {"unfreeze": 12}}).finetune.unfreeze == 12

@@ -20,13 +20,13 @@ import keras
 import numpy as np
 import pytest
 
-from foodtransfer import distribute
 from foodtransfer.config import Params, parse_params
-from foodtransfer.distribute import (CPU_PRECISION_WARNING, STRATEGIES, make_strategy,
-                                     set_precision_policy)
 from foodtransfer.errors import ConfigError
-from foodtransfer.models import build_baseline, build_head
-from foodtransfer.training import fit
+from foodtransfer.models.classifiers import build_baseline, build_head
+from foodtransfer.training import distribute
+from foodtransfer.training.distribute import (CPU_PRECISION_WARNING, STRATEGIES, make_strategy,
+                                              set_precision_policy)
+from foodtransfer.training.loop import fit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def run_python(code: str, **env: str) -> dict:
 # reports what a test needs to know. Random features and labels: only mechanics are checked.
 TRAIN_HEAD = """
     import numpy as np
-    from foodtransfer.models import build_head
-    from foodtransfer.training import fit
+    from foodtransfer.models.classifiers import build_head
+    from foodtransfer.training.loop import fit
 
     def train_head(strategy, dim=8):
         rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ TRAIN_HEAD = """
             before = [np.array(w) for w in head.weights]
             history = fit(head, (x[:40], y[:40]), (x[40:], y[40:]), epochs=2,
                           learning_rate=0.05, optimizer="adam", lr_schedule="plateau",
-                          patience=5, num_classes=3, steps_per_epoch=3, batch_size=16)
+                          patience=5, num_classes=3, train_examples=40, batch_size=16)
         after = [np.array(w) for w in head.weights]
         return {
             "replicas": strategy.num_replicas_in_sync,
@@ -146,8 +146,7 @@ def test_mirrored_over_two_logical_cpus_trains_a_head() -> None:
     result = run_python(TWO_CPUS + TRAIN_HEAD + """
     import json
     from foodtransfer.config import parse_params
-    from foodtransfer.distribute import make_strategy
-    from foodtransfer.variants import prepare_training
+    from foodtransfer.training.distribute import make_strategy, prepare_training
 
     # The params path: mirrored picks up every logical CPU when no GPU is visible.
     training = prepare_training(parse_params({"strategy": "mirrored"}))
@@ -184,7 +183,7 @@ def test_multi_worker_with_a_one_worker_tf_config_trains_a_head() -> None:
     tf_config = {"cluster": {"worker": [f"localhost:{free_port()}"]},
                  "task": {"type": "worker", "index": 0}}
     result = run_python("""
-    from foodtransfer.distribute import make_strategy
+    from foodtransfer.training.distribute import make_strategy
 
     strategy = make_strategy("multi_worker")  # before any other TensorFlow op
     """ + TRAIN_HEAD + """
@@ -302,7 +301,7 @@ def test_under_mixed_float16_the_softmax_stays_float32_and_training_works(
         probabilities = model(x[:4], training=False)
         assert keras.backend.standardize_dtype(probabilities.dtype) == "float32"
         history = fit(model, (x, y), (x, y), epochs=2, learning_rate=0.01, optimizer="nadam",
-                      lr_schedule="plateau", patience=5, num_classes=3, steps_per_epoch=2,
+                      lr_schedule="plateau", patience=5, num_classes=3, train_examples=32,
                       batch_size=16)
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         assert np.all(np.isfinite([row["loss"] for row in history.rows]))

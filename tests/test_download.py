@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import loopback_http_server
-from foodtransfer import food101
+from foodtransfer.data import food101
 from foodtransfer.config import parse_params
-from foodtransfer.download import (
+from foodtransfer.data.archive import (
     _check_space,
     download,
     extract,
@@ -309,7 +309,7 @@ def test_md5_mismatch_moves_the_file_aside(server: FileServer, payload: bytes,
 
 def test_md5_mismatch_stops_the_download_stage_before_extracting(server: FileServer,
                                                                  tmp_path: Path) -> None:
-    from foodtransfer.steps import run_download
+    from foodtransfer.stages.download import run as run_download
 
     # A valid Food-101-layout archive: had extract been reached, it would have succeeded.
     archive = make_archive(tmp_path / "good.tar.gz", {"pizza": 4, "sushi": 4})

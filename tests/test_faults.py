@@ -28,8 +28,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, loopback_http_server, merge_params
-from foodtransfer import food101
+from conftest import REPO_ROOT, loopback_http_server, merge_params, stage_args
+from foodtransfer.data import food101
 
 STAGE_TIME_LIMIT = 20.0  # "within seconds": a params error must not wait for TensorFlow
 
@@ -42,11 +42,13 @@ VALID = {
 }
 
 
-def run_stage(stage: str, cwd: Path, *args: str, env: dict[str, str] | None = None,
+def run_stage(stage: str, cwd: Path, env: dict[str, str] | None = None,
               timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``python pipeline/<stage>.py`` of this checkout in ``cwd``; (result, seconds)."""
+    """Run ``python pipeline/<stage>.py`` of this checkout in ``cwd`` with the paths dvc.yaml
+    gives it; (result, seconds)."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / f"{stage}.py"), *args],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / f"{stage}.py"),
+                             *stage_args(stage)],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return result, time.monotonic() - started
 
@@ -122,8 +124,8 @@ PARAMS_FAULTS = {
                          "neither 'imagenet', 'none' nor an existing weights file"]),
     "baseline-type": ("baseline", {"baseline": {"augment": "yes"}},
                       ["baseline.augment = 'yes'", "true or false"]),
-    "finetune-range": ("finetune", {"fine_tune": {"lr_scale": 0}},
-                       ["fine_tune.lr_scale = 0.0", "out of range", "> 0"]),
+    "finetune-range": ("finetune", {"finetune": {"lr_scale": 0}},
+                       ["finetune.lr_scale = 0.0", "out of range", "> 0"]),
 }
 
 
@@ -208,7 +210,7 @@ def _jpeg(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
 
 
 def test_huge_images_are_decoded_and_bombs_skipped(tmp_path: Path) -> None:
-    from foodtransfer.trim import trim
+    from foodtransfer.stages.trim import trim
 
     raw = tmp_path / "raw"
     files = {
@@ -271,7 +273,7 @@ def closed_port() -> int:
 
 
 def test_connect_to_an_unreachable_server_fails_fast(mlflow_env, monkeypatch) -> None:
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store as tracking
     from foodtransfer.errors import TrackingError
 
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -290,7 +292,7 @@ def test_connect_to_an_unreachable_server_fails_fast(mlflow_env, monkeypatch) ->
 
 
 def test_connect_keeps_the_users_retry_settings(mlflow_env, monkeypatch) -> None:
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store as tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     with tracking._fail_fast_http("http://tracking.example.org"):
@@ -303,7 +305,7 @@ def test_connect_keeps_the_users_retry_settings(mlflow_env, monkeypatch) -> None
 def test_connect_to_a_store_that_is_a_file_fails_fast(mlflow_env, monkeypatch,
                                                       tmp_path: Path) -> None:
     """mlruns exists as a regular file (unwritable as a store, for root too)."""
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store as tracking
     from foodtransfer.errors import TrackingError
 
     (tmp_path / "mlruns").write_text("not a folder\n")
@@ -320,8 +322,8 @@ def test_connect_serialises_creating_a_fresh_store(mlflow_env, monkeypatch,
                                                    tmp_path: Path) -> None:
     """Several processes open a store that does not exist yet, at once (what
     `dvc queue start -j N` does on a new clone): all get the same experiment."""
-    code = ("import sys; from foodtransfer import tracking; "
-            "print(tracking.connect('race'))")
+    code = ("import sys; from foodtransfer.tracking.store import connect; "
+            "print(connect('race'))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["DVC_ROOT"] = str(tmp_path)
     processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,

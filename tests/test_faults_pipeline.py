@@ -49,7 +49,7 @@ PARAMS = {
              "sample": {"train_per_class": 44, "test_per_class": 10, "min_side": 24,
                         "max_side": 56}},
     "baseline": {"epochs": 2, "image_size": 32},
-    "fine_tune": {"epochs": 1, "unfreeze": 5},
+    "finetune": {"epochs": 1, "unfreeze": 5},
     "mlflow": {"experiment": EXPERIMENT},
 }
 TIMING_KEYS = {"seconds_per_epoch", "bottom_cache_seconds"}
@@ -573,7 +573,7 @@ def test_another_seed_gives_another_split_and_data_version(reseeded) -> None:
     assert split.keys() == reseeded["split"].keys()
     for name in split:
         assert split[name] != reseeded["split"][name], name
-    from foodtransfer.split import data_version
+    from foodtransfer.data.manifests import data_version
 
     (run_,) = [r for r in mlflow_runs(repo)[1]
                if r.data.tags.get("dvc_exp_name") == "seed43"]

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from foodtransfer.models import (build_feature_extractor, get_backbone_model,
-                                 split_frozen_bottom, unfreeze_top)
+from foodtransfer.models.classifiers import (build_feature_extractor, get_backbone_model,
+                                             split_frozen_bottom, unfreeze_top)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ TINY = {
              "sample": {"train_per_class": 34, "test_per_class": 10, "min_side": 24,
                         "max_side": 56}},
     "baseline": {"epochs": 4, "image_size": 32},
-    "fine_tune": {"epochs": 1, "unfreeze": 5},
+    "finetune": {"epochs": 1, "unfreeze": 5},
     "mlflow": {"experiment": "e2e"},
 }
 
@@ -83,8 +83,17 @@ def pipeline(tmp_path_factory):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline run"], repo, env)
     experiment = run(["dvc", "exp", "run", "-S", "dropout=0.3", "-n", "drop03"], repo, env)
+    # A code change must make DVC call stale exactly the stages whose code it is.
+    evaluation = repo / "src" / "foodtransfer" / "evaluation.py"
+    original = evaluation.read_text()
+    evaluation.write_text(original.replace("float(np.mean(predicted == labels))",
+                                           "float(np.mean(labels == predicted))"))
+    stale = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+    evaluation.write_text(original)
+    fresh = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
     return {"repo": repo, "env": env, "first": first, "second": second,
-            "experiment": experiment, "first_metrics": snapshot}
+            "experiment": experiment, "first_metrics": snapshot,
+            "status_after_code_edit": stale, "status_after_revert": fresh}
 
 
 def mlflow_runs(repo: Path):
@@ -104,6 +113,19 @@ def test_repro_runs_every_stage_then_nothing(pipeline):
     assert stages_run(pipeline["second"].stdout) == set()
     for stage in ALL_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in pipeline["second"].stdout
+
+
+def test_a_code_edit_makes_exactly_its_stages_stale(pipeline):
+    from test_dag import code_deps, script_of, stages
+
+    users = {name for name, spec in stages().items()
+             if "src/foodtransfer/evaluation.py" in code_deps(script_of(spec))}
+    assert users == {"baseline", "transfer", "dropout", "finetune"}
+    stale = pipeline["status_after_code_edit"]
+    assert set(stale) == users, stale
+    for name in users:
+        assert {"changed deps": {"src/foodtransfer/evaluation.py": "modified"}} in stale[name]
+    assert pipeline["status_after_revert"] == {}
 
 
 def test_exp_run_reruns_only_dropout_and_finetune(pipeline):
@@ -207,7 +229,7 @@ def test_mlflow_runs(pipeline):
 def test_logged_model_predicts_raw_images(pipeline):
     import mlflow
 
-    from foodtransfer.images import ImageStore
+    from foodtransfer.data.images import ImageStore
 
     repo = pipeline["repo"]
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
@@ -253,7 +275,7 @@ def test_report_files_compare_the_four_variants(pipeline):
                    for row in table), (variant, text)
     metrics = json.loads((repo / "metrics/dropout.json").read_text())
     assert f"{metrics['test_accuracy']:.3f}" in text
-    from foodtransfer.split import data_version
+    from foodtransfer.data.manifests import data_version
 
     assert f"data version `{data_version(repo / 'data/split')}`" in text
     assert "| `dropout` | 0.3 | 0.6 |" in text and "| `backbone` | MobileNetV2 |" in text
@@ -336,7 +358,7 @@ def test_predict_cli_with_the_champion(pipeline, tmp_path):
     import mlflow
     from PIL import Image
 
-    from foodtransfer.images import decode_image
+    from foodtransfer.data.images import decode_image
 
     repo, env = pipeline["repo"], dict(pipeline["env"])
     rng = np.random.default_rng(5)

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from foodtransfer.cli import app
-from foodtransfer.images import decode_image
+from foodtransfer.data.images import decode_image
 
 CLASSES = ["pizza", "sushi", "tacos"]
 SIZE = 16
@@ -39,7 +39,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ``food-test@champion`` (params.yaml names it), plus a folder of test images."""
     import keras
 
-    from foodtransfer import tracking
+    from foodtransfer.tracking.registry import register_model_version
+    from foodtransfer.tracking.runs import tracked_run
 
     root = tmp_path_factory.mktemp("predict") / "project"
     root.mkdir()
@@ -57,10 +58,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         model.save(saved / "model.keras")
         (saved / "classes.json").write_text(json.dumps(CLASSES))
         example = np.random.default_rng(0).uniform(0, 255, (1, SIZE, SIZE, 3)).astype("float32")
-        with tracking.variant_run("unit", "transfer", {"seed": 1}, {"data_version": "v"}) as run:
+        with tracked_run("unit", "transfer", "variant", {"seed": 1},
+                         {"data_version": "v"}) as run:
             model_uri = run.log_model(saved / "model.keras", saved / "classes.json", example)
             run_id = run.run_id
-        tracking.register_model_version(model_uri, MODEL_NAME, "champion", run_id, tags={})
+        register_model_version(model_uri, MODEL_NAME, "champion", run_id, tags={})
         images = root / "images"
         (images / "more").mkdir(parents=True)
         rng = np.random.default_rng(1)

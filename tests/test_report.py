@@ -1,4 +1,4 @@
-"""The report stage (foodtransfer.report, pipeline/report.py) on hand-made variant outputs: the
+"""The report stage (foodtransfer.stages.report, pipeline/report.py) on hand-made variant outputs: the
 champion is chosen on validation, never on test; comparison.md, the figures, the parent MLflow
 run that nests the variant runs, the registered champion; and clear errors. No TensorFlow:
 the logged models here are tiny pyfunc stand-ins."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -16,12 +17,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import stage_args
 from foodtransfer.config import Params, parse_params
+from foodtransfer.data.images import ImageStoreWriter
 from foodtransfer.errors import ConfigError, DataError, TrackingError
-from foodtransfer.images import ImageStoreWriter
-from foodtransfer.report import (REPORT_FILES, VARIANTS, ReportContext, ReportPaths,
-                                 changed_params, choose_best, comparison_markdown, load_results,
-                                 most_confident_mistakes, run_report, write_figures)
+from foodtransfer.stages.report import (REPORT_FILES, VARIANTS, ReportContext, VariantSource,
+                                        changed_params, choose_best, comparison_markdown,
+                                        load_results, most_confident_mistakes, run,
+                                        write_figures)
 
 CLASSES = ["pizza", "sushi", "tacos"]
 # Validation accuracy picks dropout; baseline has the best *test* accuracy and must not win.
@@ -62,6 +65,26 @@ def write_variant(root: Path, variant: str, run_id: str, val_accuracy: float,
                                                            "run_id": run_id}))
 
 
+@dataclass(frozen=True)
+class ReportPaths:
+    """What the report stage reads and writes, laid out as dvc.yaml's paths under a root."""
+
+    root: Path
+    trimmed: Path
+    split: Path
+    reports: Path
+
+    @property
+    def sources(self) -> list[VariantSource]:
+        return [VariantSource(self.root / "metrics" / f"{variant}.json",
+                              self.root / "plots" / variant, self.root / "artifacts" / variant)
+                for variant in VARIANTS]
+
+
+def run_report(params: Params, paths: ReportPaths) -> str:
+    return run(params, paths.trimmed, paths.split, paths.sources, paths.reports)
+
+
 def write_outputs(root: Path, run_ids: dict[str, str]) -> ReportPaths:
     """What the data and variant stages leave behind, for 12 test images of 3 classes."""
     for variant in VARIANTS:
@@ -81,9 +104,7 @@ def write_outputs(root: Path, run_ids: dict[str, str]) -> ReportPaths:
                              "label": [i % 3 for i in range(12)]})
     for name in ("train", "val", "test"):
         manifest.to_csv(split / f"{name}.csv", index=False)
-    return ReportPaths(trimmed=trimmed, split=split, metrics=root / "metrics",
-                       plots=root / "plots", artifacts=root / "artifacts",
-                       reports=root / "reports")
+    return ReportPaths(root, trimmed, split, root / "reports")
 
 
 def assert_png(path: Path) -> None:
@@ -98,14 +119,14 @@ def outputs(tmp_path: Path) -> ReportPaths:
 
 
 def test_champion_is_chosen_on_validation_never_test(outputs: ReportPaths) -> None:
-    results = load_results(outputs)
+    results = load_results(outputs.sources)
     assert choose_best(results) == "dropout"  # baseline has the best test accuracy
     assert choose_best(results, ("transfer", "dropout")) == "dropout"
     assert choose_best(results, ("baseline", "transfer")) == "transfer"
 
 
 def test_validation_ties_go_to_the_lower_validation_loss(outputs: ReportPaths) -> None:
-    results = load_results(outputs)
+    results = load_results(outputs.sources)
     for name in ("transfer", "dropout"):
         results[name].metrics["best_val_accuracy"] = 0.9
     results["transfer"].metrics["best_val_loss"] = 0.05
@@ -121,7 +142,7 @@ def test_changed_params_lists_only_differences() -> None:
 
 
 def test_comparison_markdown(outputs: ReportPaths) -> None:
-    results = load_results(outputs)
+    results = load_results(outputs.sources)
     context = ReportContext(experiment="exp", data_version="abc123def456", parent_run_id="P1",
                             registered_model="food", registered_version="7",
                             run_owner={"baseline": "P0", "transfer": "P1", "dropout": "P1",
@@ -142,13 +163,13 @@ def test_comparison_markdown(outputs: ReportPaths) -> None:
 def test_figures_are_valid_images(outputs: ReportPaths, tmp_path: Path) -> None:
     out = tmp_path / "figures"
     out.mkdir()
-    write_figures(load_results(outputs), "dropout", outputs, out)
+    write_figures(load_results(outputs.sources), "dropout", outputs.trimmed, outputs.split, out)
     for name in ("curves.png", "confusion.png", "errors.png"):
         assert_png(out / name)
 
 
 def test_most_confident_mistakes_come_first(outputs: ReportPaths) -> None:
-    predictions = load_results(outputs)["dropout"].predictions
+    predictions = load_results(outputs.sources)["dropout"].predictions
     mistakes = most_confident_mistakes(predictions, 3)
     assert list(mistakes["image_id"]) == ["pizza/0", "sushi/1", "tacos/2"]
     assert (mistakes["actual"] != mistakes["predicted"]).all()
@@ -157,13 +178,16 @@ def test_most_confident_mistakes_come_first(outputs: ReportPaths) -> None:
 
 
 def test_missing_or_inconsistent_variant_outputs(outputs: ReportPaths) -> None:
-    (outputs.artifacts / "transfer" / "mlflow_run.json").unlink()
+    (outputs.root / "artifacts" / "transfer" / "mlflow_run.json").unlink()
     with pytest.raises(DataError, match=r"mlflow_run.json is missing: run 'dvc repro transfer'"):
-        load_results(outputs)
-    write_variant(outputs.metrics.parent, "transfer", "t", 0.5, 0.5)
-    (outputs.artifacts / "dropout" / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+        load_results(outputs.sources)
+    write_variant(outputs.root, "transfer", "t", 0.5, 0.5)
+    (outputs.root / "artifacts" / "dropout" / "classes.json").write_text(
+        json.dumps(["a", "b", "c"]))
     with pytest.raises(DataError, match="different classes"):
-        load_results(outputs)
+        load_results(outputs.sources)
+    with pytest.raises(DataError, match="no variants to compare"):
+        load_results([])
 
 
 def test_registered_model_name_is_validated() -> None:
@@ -199,13 +223,35 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def log_variant_run(experiment: str, variant: str) -> str:
     """A finished variant run with a logged model and its model_uri tag, as the stages make."""
-    from foodtransfer import tracking
+    from foodtransfer.tracking.runs import tracked_run
 
-    with tracking.variant_run(experiment, variant, {"dropout": 0.6}, {"data_version": "v"}) as run:
+    with tracked_run(experiment, variant, "variant", {"dropout": 0.6},
+                     {"data_version": "v"}) as tracked:
         info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(),
                                        pip_requirements=["mlflow"])
-        run.set_tags({"model_uri": info.model_uri})
-        return run.run_id
+        tracked.set_tags({"model_uri": info.model_uri})
+        return tracked.run_id
+
+
+def test_tracked_run_tags_the_run_and_leaves_the_callers_tags_alone(store: Path) -> None:
+    from foodtransfer.tracking.runs import tracked_run
+
+    tags = {"data_version": "v1", "variant": "transfer"}
+    with tracked_run("unit", "transfer", "variant", {"seed": 3, "weights": None}, tags) as run:
+        run_id = run.run_id
+    assert tags == {"data_version": "v1", "variant": "transfer"}
+    logged = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}").get_run(run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params == {"seed": "3", "weights": "null"}
+    assert {"data_version": "v1", "variant": "transfer", "run_kind": "variant"}.items() \
+        <= logged.data.tags.items()
+    assert logged.data.tags["pid"].isdigit() and logged.data.tags["host"]
+    with pytest.raises(RuntimeError, match="boom"), \
+            tracked_run("unit", "transfer", "variant", {}, tags) as run:
+        raise RuntimeError("boom")
+    failed = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}").get_run(
+        run.run_id)
+    assert failed.info.status == "FAILED"
 
 
 def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
@@ -296,12 +342,12 @@ def test_report_stage_script(store: Path) -> None:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        result = CliRunner().invoke(module.app, [])
+        result = CliRunner().invoke(module.app, stage_args("report"))
         assert result.exit_code == 2
         assert "report: error: params: mlflow.registered_model = 'a:b'" in result.output
         (store / "params.yaml").write_text("mlflow:\n  experiment: unit\n")
         write_outputs(store, {variant: log_variant_run("unit", variant) for variant in VARIANTS})
-        result = CliRunner().invoke(module.app, [])
+        result = CliRunner().invoke(module.app, stage_args("report"))
         assert result.exit_code == 0, result.output
         last = result.stdout.strip().splitlines()[-1]
         assert last.startswith("report: champion dropout") and "report in reports/" in last

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from foodtransfer.datasets import Split, image_dataset
+from foodtransfer.data.datasets import image_dataset, npy_dataset
+from foodtransfer.data.images import ImageStore, ImageStoreWriter, NpyWriter
+from foodtransfer.data.manifests import Split
 from foodtransfer.errors import DataError
 from foodtransfer.evaluation import evaluate
-from foodtransfer.features import compile_forward, extract_features
-from foodtransfer.images import ImageStore, ImageStoreWriter
-from foodtransfer.models import build_head, make_optimizer
-from foodtransfer.training import History, fit, predict_array
+from foodtransfer.models.classifiers import build_head
+from foodtransfer.models.inference import compile_forward, predict_array
+from foodtransfer.stages.features import extract_features
+from foodtransfer.training.loop import History, fit, make_optimizer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -48,8 +50,8 @@ def noise(n: int, seed: int, classes: int = 3, dim: int = 16) -> tuple[np.ndarra
 def run_fit(train, val, **overrides) -> tuple[keras.Model, History]:
     head = build_head(train[0].shape[1], 3)
     kwargs = dict(epochs=30, learning_rate=0.01, optimizer="adam", lr_schedule="none",
-                  patience=30, num_classes=3, steps_per_epoch=math.ceil(len(train[0]) / 16),
-                  batch_size=16, seed=0)
+                  patience=30, num_classes=3, train_examples=len(train[0]), batch_size=16,
+                  seed=0)
     kwargs.update(overrides)
     return head, fit(head, train, val, **kwargs)
 
@@ -128,9 +130,9 @@ def test_make_optimizer(name: str, cls: type) -> None:
     optimizer = make_optimizer(name, 0.125)
     assert type(optimizer) is cls
     assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.125)
-    schedule = keras.optimizers.schedules.CosineDecay(0.5, decay_steps=10)
-    scheduled = make_optimizer(name, schedule)
-    assert scheduled._learning_rate is schedule
+    scheduled = make_optimizer(name, 0.5, schedule="cosine", epochs=2, steps_per_epoch=5)
+    assert isinstance(scheduled._learning_rate, keras.optimizers.schedules.CosineDecay)
+    assert scheduled._learning_rate.decay_steps == 10
     assert float(keras.ops.convert_to_numpy(scheduled.learning_rate)) == pytest.approx(0.5)
 
 
@@ -158,7 +160,8 @@ def test_evaluate_scores_a_hand_made_probability_matrix() -> None:
     assert set(m) == {"test_accuracy", "test_top5_accuracy", "test_macro_f1", "test_loss"}
     assert m["test_accuracy"] == pytest.approx(3 / 6)
     assert m["test_top5_accuracy"] == pytest.approx(1.0)  # 4 classes: top-5 is top-4
-    expected_loss = -np.mean(np.log([0.7, 0.6, 0.1, 0.5, 0.05, 1e-7]))  # p = 0 clipped
+    # p = 0 is clipped to float64's epsilon, as scikit-learn's log_loss does.
+    expected_loss = -np.mean(np.log([0.7, 0.6, 0.1, 0.5, 0.05, np.finfo(np.float64).eps]))
     assert m["test_loss"] == pytest.approx(expected_loss, rel=1e-6)
     # Per class (a, b, c, d): precision 1/2, 1/2, 1/2, 0; recall 1/3, 1, 1/2, 0.
     f1 = [2 * (1 / 2 * 1 / 3) / (1 / 2 + 1 / 3), 2 / 3, 1 / 2, 0.0]
@@ -295,3 +298,19 @@ def test_image_store_reads_what_the_writer_wrote(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         store.read([0, 1], rows=1)
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), images)
+
+
+def test_npy_dataset_reads_feature_rows_with_the_same_reader(tmp_path: Path) -> None:
+    rows = np.random.default_rng(5).normal(size=(7, 2, 3)).astype("float32")
+    with NpyWriter(tmp_path / "f.npy", (2, 3), "float32") as writer:
+        writer.extend(rows)
+    labels = np.arange(7, dtype=np.int64)
+    batches = list(npy_dataset(tmp_path / "f.npy", labels, 3))
+    assert [len(x) for x, _ in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in batches]), rows)
+    shuffled = list(npy_dataset(tmp_path / "f.npy", labels, 3, shuffle=True, seed=1))
+    x = np.concatenate([b.numpy() for b, _ in shuffled])
+    y = np.concatenate([b.numpy() for _, b in shuffled])
+    np.testing.assert_array_equal(x, rows[y])  # rows stay with their labels
+    with pytest.raises(DataError, match="rows for"):
+        npy_dataset(tmp_path / "f.npy", labels[:3], 3)

@@ -21,7 +21,7 @@ from pathlib import Path
 import typer
 
 from foodtransfer.errors import UserError
-from foodtransfer.stage import prepare_tensorflow
+from foodtransfer.stages.runner import prepare_tensorflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Use the models and runs of the foodtransfer pipeline.")
@@ -44,7 +44,7 @@ def _user_errors(command: str) -> Iterator[None]:
 def _default_model_uri(params_path: Path) -> str:
     """The champion of the registered model named in params.yaml (or the default name)."""
     from foodtransfer.config import MlflowConfig, load_params
-    from foodtransfer.predict import champion_uri
+    from foodtransfer.tracking.registry import champion_uri
 
     if params_path.is_file():
         return champion_uri(load_params(params_path).mlflow.registered_model)
@@ -96,18 +96,19 @@ def ui(
                                  help="Print the URL and the command, start nothing."),
 ) -> None:
     """Start the MLflow UI on this project's store (localhost only) and print its URL."""
-    from foodtransfer import tracking
+    from foodtransfer.tracking.store import tracking_uri
+    from foodtransfer.tracking.ui import ui_command
 
     host = "127.0.0.1"
     with _user_errors("ui"):
-        command, url = tracking.ui_command(port, host)
+        command, url = ui_command(port, host)
         if not command:
             typer.echo(f"MLFLOW_TRACKING_URI names a tracking server: open {url}")
             return
         if not dry_run and not _port_free(host, port):
             raise UserError(f"port {port} on {host} is in use (another MLflow UI?): pass "
                             f"--port {port + 1}, or open {url} if it is already this UI.")
-    typer.echo(f"MLflow UI: {url} (store {tracking.tracking_uri()}; Ctrl-C stops it)")
+    typer.echo(f"MLflow UI: {url} (store {tracking_uri()}; Ctrl-C stops it)")
     if dry_run:
         typer.echo(" ".join(command))
         return

@@ -1,26 +1,26 @@
-"""params.yaml, read once into typed, validated objects.
+"""params.yaml, read once into typed, validated objects (pydantic models).
 
 Stages call :func:`load_params` at their entry point; library code receives the typed objects
 and never opens params.yaml itself. Validation rejects unknown keys (DVC's ``-S`` adds typo'd
 keys silently), wrong types and out-of-range values, naming the key, the bad value and what is
-allowed, before any download or training starts.
+allowed, before any download or training starts. Pydantic does the checking; this module only
+turns its errors into one line a user can act on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
-from foodtransfer import food101
+from foodtransfer.data import food101
 from foodtransfer.errors import ConfigError
 
 FOOD101_URL = "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz"
@@ -32,97 +32,112 @@ DEFAULT_CLASSES = [
     "spaghetti_bolognese", "tacos",
 ]  # fmt: skip
 
-# The tf.distribute strategies of foodtransfer.distribute.make_strategy.
-StrategyName = Literal["auto", "mirrored", "multi_worker"]
+# The allowed `backbone` values (keras.applications model names) and how each expects its
+# inputs scaled (foodtransfer.models.backbones turns this into a layer inside the model).
+BACKBONES: dict[str, str] = {
+    "EfficientNetV2B0": "builtin", "EfficientNetV2B1": "builtin", "EfficientNetB0": "builtin",
+    "EfficientNetB3": "builtin", "MobileNetV2": "mobilenet", "ResNet50": "caffe",
+    "VGG16": "caffe", "ConvNeXtTiny": "builtin",
+}
 
-# The names of foodtransfer.backbones.BACKBONES, here so validating params needs no TensorFlow.
-BACKBONES = ("EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetB0", "EfficientNetB3",
-             "MobileNetV2", "ResNet50", "VGG16", "ConvNeXtTiny")
+# The tf.distribute strategies of foodtransfer.training.distribute.make_strategy.
+StrategyName = Literal["auto", "mirrored", "multi_worker"]
 
 FIX_HINT = "Fix it in params.yaml, or override it with 'dvc exp run -S {key}=<value>'."
 
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Rate = Annotated[float, Field(gt=0, le=1)]
+NonEmpty = Annotated[str, Field(min_length=1)]
 
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> dict[str, Any]:
-    return {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
+
+class Section(BaseModel):
+    """A params section: no unknown keys, no type coercion ("10" is not 10), finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(Section):
     """Shape of the generated offline sample archive (``data.source: sample``)."""
 
-    train_per_class: int = field(default=300, metadata=_range(1))
-    test_per_class: int = field(default=100, metadata=_range(1))
-    min_side: int = field(default=160, metadata=_range(8))
-    max_side: int = field(default=400, metadata=_range(8))
+    train_per_class: PositiveInt = 300
+    test_per_class: PositiveInt = 100
+    min_side: Annotated[int, Field(ge=8)] = 160
+    max_side: Annotated[int, Field(ge=8)] = 400
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     source: Literal["food101", "sample"] = "food101"
-    url: str = FOOD101_URL
-    md5: str | None = FOOD101_MD5
-    classes: list[str] | Literal["all"] = field(default_factory=lambda: list(DEFAULT_CLASSES))
-    samples_per_class: int | Literal["all"] = field(default=256, metadata=_range(1))
+    url: NonEmpty = FOOD101_URL
+    md5: NonEmpty | None = FOOD101_MD5
+    classes: Annotated[list[str], Field(min_length=1)] | Literal["all"] = Field(
+        default_factory=lambda: list(DEFAULT_CLASSES))
+    samples_per_class: PositiveInt | Literal["all"] = 256
     allow_fewer: bool = False
-    val_fraction: float = field(default=0.2, metadata=_range(0, 1, low_open=True, high_open=True))
-    test_per_class: int | Literal["all"] = field(default=100, metadata=_range(1))
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    val_fraction: Fraction = 0.2
+    test_per_class: PositiveInt | Literal["all"] = 100
+    sample: SampleConfig = SampleConfig()
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
-    epochs: int = field(default=20, metadata=_range(1))
-    learning_rate: float = field(default=1e-3, metadata=_range(0, 1, low_open=True))
+class BaselineConfig(Section):
+    epochs: PositiveInt = 20
+    learning_rate: Rate = 1e-3
     augment: bool = True
-    image_size: int = field(default=128, metadata=_range(16, 1024))
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 128
 
 
-@dataclass(frozen=True)
-class FineTuneConfig:
-    epochs: int = field(default=10, metadata=_range(0))
-    lr_scale: float = field(default=0.1, metadata=_range(0, 1, low_open=True))
+class FinetuneConfig(Section):
+    epochs: Annotated[int, Field(ge=0)] = 10
+    lr_scale: Rate = 0.1  # fine-tune learning rate = learning_rate * lr_scale
     # A number of top backbone layers to unfreeze, or "all".
-    unfreeze: int | Literal["all"] = field(default=30, metadata=_range(1))
+    unfreeze: PositiveInt | Literal["all"] = 30
     augment: bool = False
     # Compute the frozen bottom of the backbone once and train only the top on its cached
     # output (exact; applies when augment is false and unfreeze leaves a frozen bottom).
     cache_frozen: bool = True
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
-    experiment: str = "food101-transfer"
+class MlflowConfig(Section):
+    experiment: NonEmpty = "food101-transfer"
     # The model registry name of the champion (best variant by validation accuracy).
-    registered_model: str = "food101-classifier"
+    registered_model: NonEmpty = "food101-classifier"
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = field(default=42, metadata=_range(0, 2**31 - 1))
-    image_size: int = field(default=256, metadata=_range(16, 1024))
-    backbone: str = "EfficientNetV2B0"
-    weights: str = "imagenet"
-    batch_size: int = field(default=32, metadata=_range(1, 4096))
-    epochs: int = field(default=100, metadata=_range(1))
-    learning_rate: float = field(default=1e-3, metadata=_range(0, 1, low_open=True))
+class Params(Section):
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 256
+    backbone: NonEmpty = "EfficientNetV2B0"
+    weights: NonEmpty = "imagenet"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    epochs: PositiveInt = 100
+    learning_rate: Rate = 1e-3
     optimizer: Literal["nadam", "adam", "sgd", "rmsprop"] = "nadam"
     lr_schedule: Literal["none", "plateau", "cosine"] = "plateau"
-    dropout: float = field(default=0.6, metadata=_range(0, 1, high_open=True))
-    l1: float = field(default=1e-5, metadata=_range(0))
-    l2: float = field(default=1e-5, metadata=_range(0))
-    patience: int = field(default=10, metadata=_range(1))
-    # Where training runs (foodtransfer.distribute): one device, all GPUs, or several machines.
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.6
+    l1: Annotated[float, Field(ge=0)] = 1e-5
+    l2: Annotated[float, Field(ge=0)] = 1e-5
+    patience: PositiveInt = 10
+    # Where training runs (foodtransfer.training.distribute): one device, all GPUs, or
+    # several machines.
     strategy: StrategyName = "auto"
     # float16 compute with float32 variables and softmax, on GPUs only (off on CPU).
     mixed_precision: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    data: DataConfig = DataConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+# ------------------------------------------------------------- pydantic errors -> one line
+def _strip(annotation: Any) -> Any:
+    """The type without its ``Annotated`` constraints."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
 
 
 def _describe_type(annotation: Any) -> str:
+    annotation = _strip(annotation)
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return " or ".join(_describe_type(arg) for arg in typing.get_args(annotation))
@@ -134,141 +149,116 @@ def _describe_type(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation))
-    )
+        annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-def _fail(key: str, value: Any, problem: str) -> ConfigError:
-    return ConfigError(
-        f"params: {key} = {value!r} {problem}. {FIX_HINT.format(key=key)}"
-    )
-
-
-def _coerce(key: str, value: Any, annotation: Any, metadata: typing.Mapping[str, Any]) -> Any:
-    """Return ``value`` checked against ``annotation``, or raise a ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        # Try the non-Literal alternatives last so "all" is matched before str.
-        errors: list[ConfigError] = []
-        for arg in sorted(args, key=lambda a: typing.get_origin(a) is not Literal):
-            try:
-                return _coerce(key, value, arg, metadata)
-            except ConfigError as error:
-                errors.append(error)
-        # A value of the right type but out of range: report the range, not the type.
-        for error in errors:
-            if "out of range" in str(error):
-                raise error
-        raise _fail(key, value, f"has the wrong type: expected {_describe_type(annotation)}")
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise _fail(key, value, "is not allowed: choose one of "
-                        + ", ".join(repr(a) for a in allowed))
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list) or not value:
-            raise _fail(key, value, f"has the wrong type: expected {_describe_type(annotation)} "
-                        "(non-empty)")
-        return [_coerce(f"{key}[{i}]", item, item_type, {}) for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise _fail(key, value, "must be a section (a mapping of keys to values)")
-        return _build(annotation, value, prefix=f"{key}.")
-    if annotation is type(None):
-        if value is not None:
-            raise _fail(key, value, "must be null")
-        return None
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _fail(key, value, "has the wrong type: expected true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, value, "has the wrong type: expected an integer")
-    elif annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(key, value, "has the wrong type: expected a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise _fail(key, value, "must be a finite number")
-    elif annotation is str:
-        if not isinstance(value, str) or not value:
-            raise _fail(key, value, "has the wrong type: expected a non-empty string")
-        return value
-    low, high = metadata.get("low"), metadata.get("high")
-    if low is not None and (value < low or (metadata.get("low_open") and value == low)):
-        raise _fail(key, value, f"is out of range: {_range_text(metadata)}")
-    if high is not None and (value > high or (metadata.get("high_open") and value == high)):
-        raise _fail(key, value, f"is out of range: {_range_text(metadata)}")
-    return value
-
-
-def _range_text(metadata: typing.Mapping[str, Any]) -> str:
-    parts = []
-    if metadata.get("low") is not None:
-        parts.append(f"{'>' if metadata.get('low_open') else '>='} {metadata['low']:g}")
-    if metadata.get("high") is not None:
-        parts.append(f"{'<' if metadata.get('high_open') else '<='} {metadata['high']:g}")
+def _bounds(field: pydantic.fields.FieldInfo) -> str:
+    """``must be >= 0 and < 1`` from a field's constraints, wherever they were declared."""
+    metadata = list(field.metadata)
+    for arg in typing.get_args(field.annotation):  # PositiveInt | Literal["all"]
+        if typing.get_origin(arg) is Annotated:
+            for extra in typing.get_args(arg)[1:]:
+                metadata += getattr(extra, "metadata", [extra])
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}  # annotated_types' bounds
+    parts = [f"{symbol} {getattr(item, name):g}" for item in metadata
+             for name, symbol in symbols.items() if getattr(item, name, None) is not None]
     return "must be " + " and ".join(parts)
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            full = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"params: unknown key '{full}'.{hint} Known keys here: "
-                f"{', '.join(prefix + name for name in fields)}. Remove or rename it in "
-                "params.yaml (dvc exp run -S adds misspelt keys silently)."
-            )
-    values = {}
-    for name, spec in fields.items():
-        if name in raw:
-            values[name] = _coerce(f"{prefix}{name}", raw[name], hints[name], spec.metadata)
-    return cls(**values)
+def _fail(key: str, value: Any, problem: str) -> ConfigError:
+    return ConfigError(f"params: {key} = {value!r} {problem}. {FIX_HINT.format(key=key)}")
 
 
+def _locate(raw: dict, loc: tuple) -> tuple[str, Any, type[Section], str, bool]:
+    """Follow an error location through the sections to the field it concerns: (dotted key,
+    the raw value given, the section class, the field name, whether the location stops at
+    the field itself rather than inside its value)."""
+    model: type[Section] = Params
+    value: Any = raw
+    keys: list[str] = []
+    for depth, part in enumerate(loc):
+        name = str(part)
+        keys.append(name)
+        value = value.get(name) if isinstance(value, dict) else None
+        field = model.model_fields.get(name)
+        inner = _strip(field.annotation) if field else None
+        at_end = depth == len(loc) - 1
+        if isinstance(inner, type) and issubclass(inner, Section) and not at_end:
+            model = inner
+            continue
+        return ".".join(keys), value, model, name, at_end
+    return ".".join(keys), value, model, keys[-1] if keys else "", True
+
+
+def _translate(error: pydantic.ValidationError, raw: dict) -> ConfigError:
+    """The first problem pydantic found, as one line naming the key, the value and the fix."""
+    errors = error.errors()
+    first = errors[0]
+    key, value, model, name, at_end = _locate(raw, first["loc"])
+    if first["type"] == "extra_forbidden":
+        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        known = list(model.model_fields)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        return ConfigError(
+            f"params: unknown key '{key}'.{hint} Known keys here: "
+            f"{', '.join(prefix + known_name for known_name in known)}. Remove or rename it "
+            "in params.yaml (dvc exp run -S adds misspelt keys silently).")
+    field = model.model_fields[name]
+    annotation = _strip(field.annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return _fail(key, value, "must be a section (a mapping of keys to values)")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # as it would have been read: dropout = 1 is 1.0
+    # A value may fail every member of a union: report a range problem over a type problem.
+    same_field = [e for e in errors if _locate(raw, e["loc"])[0] == key]
+    kinds = {e["type"] for e in same_field}
+    if kinds & {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        return _fail(key, value, f"is out of range: {_bounds(field)}")
+    if kinds == {"finite_number"}:
+        return _fail(key, value, "must be a finite number")
+    if kinds == {"literal_error"} and at_end:
+        allowed = typing.get_args(annotation)
+        return _fail(key, value, "is not allowed: choose one of "
+                     + ", ".join(repr(choice) for choice in allowed))
+    if annotation is bool:
+        return _fail(key, value, "has the wrong type: expected true or false")
+    expected = _describe_type(annotation)
+    if kinds & {"too_short", "string_too_short"}:
+        expected += " (non-empty)"
+    return _fail(key, value, f"has the wrong type: expected {expected}")
+
+
+# ---------------------------------------------------------------------- cross-field checks
 def _check_cross_fields(params: Params) -> None:
     if params.backbone not in BACKBONES:
         raise ConfigError(
             f"params: backbone = {params.backbone!r} is not a known backbone: choose one of "
-            f"{', '.join(BACKBONES)}. {FIX_HINT.format(key='backbone')}"
-        )
+            f"{', '.join(BACKBONES)}. {FIX_HINT.format(key='backbone')}")
     weights = params.weights
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise ConfigError(
             f"params: weights = {weights!r} is neither 'imagenet', 'none' nor an existing "
             f"weights file (looked for {Path(weights).resolve()}). "
-            f"{FIX_HINT.format(key='weights')}"
-        )
+            f"{FIX_HINT.format(key='weights')}")
     name = params.mlflow.registered_model
     if name != name.strip() or any(c in name for c in "/:@'\""):
         raise ConfigError(
             f"params: mlflow.registered_model = {name!r} is not a usable model registry name: "
             "no '/', ':', '@' (models:/<name>@<alias> URIs use them), quotes, or leading or "
-            f"trailing spaces. {FIX_HINT.format(key='mlflow.registered_model')}"
-        )
+            f"trailing spaces. {FIX_HINT.format(key='mlflow.registered_model')}")
     data = params.data
     if data.sample.min_side > data.sample.max_side:
         raise ConfigError(
             f"params: data.sample.min_side = {data.sample.min_side} is larger than "
-            f"data.sample.max_side = {data.sample.max_side}; min_side must be <= max_side."
-        )
+            f"data.sample.max_side = {data.sample.max_side}; min_side must be <= max_side.")
     if isinstance(data.classes, list):
         if len(set(data.classes)) != len(data.classes):
             duplicates = sorted({c for c in data.classes if data.classes.count(c) > 1})
             raise ConfigError(f"params: data.classes lists {duplicates} more than once.")
         if len(data.classes) < 2:
             raise ConfigError(
-                f"params: data.classes = {data.classes!r} needs at least 2 classes to classify."
-            )
+                f"params: data.classes = {data.classes!r} needs at least 2 classes to classify.")
         unknown = [c for c in data.classes if c not in food101.CLASSES]
         if unknown:
             suggestions = {c: difflib.get_close_matches(c, food101.CLASSES, n=1) for c in unknown}
@@ -276,29 +266,30 @@ def _check_cross_fields(params: Params) -> None:
                               for c, s in suggestions.items())
             raise ConfigError(
                 f"params: data.classes has classes that Food-101 does not have: {hints}. "
-                f"Known classes: {', '.join(food101.CLASSES)}, or 'all'."
-            )
+                f"Known classes: {', '.join(food101.CLASSES)}, or 'all'.")
     scheme = data.url.split("://", 1)[0].lower() if "://" in data.url else ""
     if data.source == "food101" and scheme not in ("http", "https", "file"):
         raise ConfigError(
             f"params: data.url = {data.url!r} is not an http://, https:// or file:// URL. "
-            f"{FIX_HINT.format(key='data.url')}"
-        )
+            f"{FIX_HINT.format(key='data.url')}")
     if data.md5 is not None and (len(data.md5) != 32 or any(c not in "0123456789abcdef"
                                                              for c in data.md5.lower())):
         raise ConfigError(
             f"params: data.md5 = {data.md5!r} is not an md5 hex digest (32 hex digits) or null. "
-            f"{FIX_HINT.format(key='data.md5')}"
-        )
+            f"{FIX_HINT.format(key='data.md5')}")
 
 
+# --------------------------------------------------------------------------------- loading
 def parse_params(raw: Any) -> Params:
     """Validate an already-parsed params mapping into :class:`Params`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: the file must hold a mapping of keys, not {type(raw).__name__}")
-    params = _build(Params, raw)
+    try:
+        params = Params.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise _translate(error, raw) from None
     _check_cross_fields(params)
     return params
 
@@ -315,19 +306,18 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     return parse_params(raw)
 
 
-def flatten(params: Params) -> dict[str, Any]:
+def flatten(params: Section) -> dict[str, Any]:
     """The resolved config as flat ``section.key`` pairs (for MLflow params)."""
     flat: dict[str, Any] = {}
 
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
+    def walk(values: dict[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
             elif isinstance(value, list):
-                flat[f"{prefix}{f.name}"] = ",".join(map(str, value))
+                flat[f"{prefix}{key}"] = ",".join(map(str, value))
             else:
-                flat[f"{prefix}{f.name}"] = value
+                flat[f"{prefix}{key}"] = value
 
-    walk(params, "")
+    walk(params.model_dump(), "")
     return flat

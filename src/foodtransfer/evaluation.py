@@ -1,11 +1,13 @@
-"""Test-set evaluation: accuracy, top-5, macro F1, loss, per-class scores, confusion matrix."""
+"""Scoring predictions: accuracy, top-5, macro F1, log loss, per-class scores, confusion
+matrix (scikit-learn)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix, f1_score
+from sklearn.metrics import (classification_report, confusion_matrix, f1_score, log_loss,
+                             top_k_accuracy_score)
 
 
 @dataclass
@@ -18,27 +20,31 @@ class Evaluation:
 
 
 def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, probabilities.shape[1])
-    top = np.argsort(-probabilities, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
-
-
-def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    picked = probabilities[np.arange(len(labels)), labels]
-    return float(np.mean(-np.log(np.clip(picked, 1e-7, 1.0))))
+    """Share of rows whose true class is among the ``k`` most probable (``k`` capped at the
+    number of classes, where every row counts)."""
+    classes = probabilities.shape[1]
+    if k >= classes:
+        return 1.0
+    if classes == 2:  # scikit-learn takes the positive class's score in the binary case
+        return float(top_k_accuracy_score(labels, probabilities[:, 1], k=k, labels=[0, 1]))
+    return float(top_k_accuracy_score(labels, probabilities, k=k, labels=range(classes)))
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],
              prefix: str = "test_") -> Evaluation:
     """Scores of ``probabilities`` (n, classes) against integer ``labels``."""
     predicted = probabilities.argmax(axis=1)
+    # Softmax outputs sum to 1 up to float32 rounding, which log_loss refuses past its
+    # tolerance: renormalise in float64.
+    normalised = probabilities.astype("float64")
+    normalised /= normalised.sum(axis=1, keepdims=True)
     all_labels = list(range(len(class_names)))
     metrics = {
         f"{prefix}accuracy": float(np.mean(predicted == labels)),
         f"{prefix}top5_accuracy": top_k_accuracy(probabilities, labels, 5),
         f"{prefix}macro_f1": float(f1_score(labels, predicted, labels=all_labels,
                                             average="macro", zero_division=0)),
-        f"{prefix}loss": cross_entropy(probabilities, labels),
+        f"{prefix}loss": float(log_loss(labels, normalised, labels=all_labels)),
     }
     report = classification_report(labels, predicted, labels=all_labels,
                                    target_names=class_names, output_dict=True, zero_division=0)

@@ -1,7 +1,12 @@
-"""Figures for one variant: learning curves and the confusion matrix."""
+"""Every figure the pipeline draws: a variant's learning curves, confusion matrices (one or
+side by side), all variants' curves on shared axes, and a grid of confident mistakes.
+
+Figures are written atomically as PNG (Matplotlib's Agg backend: no display needed).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -9,11 +14,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from foodtransfer.atomic import atomic_file  # noqa: E402
 
+COLORS = {"baseline": "tab:grey", "transfer": "tab:blue", "dropout": "tab:orange",
+          "finetune": "tab:green"}
 
-def _save(figure: plt.Figure, path: Path) -> None:
+
+def save(figure: plt.Figure, path: Path) -> None:
     with atomic_file(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -36,22 +45,86 @@ def learning_curves(rows: list[dict[str, float]], best_epoch: int, title: str,
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
-    _save(figure, path)
+    save(figure, path)
 
 
-def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
-    size = max(5.0, 0.45 * len(class_names) + 2)
-    figure, axis = plt.subplots(figsize=(size + 1, size))
-    image = axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(class_names)), class_names, rotation=90)
-    axis.set_yticks(range(len(class_names)), class_names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    if len(class_names) <= 30:
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, column), value in np.ndenumerate(matrix):
-            axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
-                      color="white" if value > threshold else "black")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    axis.set_title(title)
-    _save(figure, path)
+def confusion_figure(panels: Sequence[tuple[np.ndarray, str]], class_names: list[str],
+                     path: Path, title: str | None = None) -> None:
+    """Confusion matrices ``(counts, panel title)`` side by side, class names on both axes
+    (true down, predicted across), counts written in the cells up to 30 classes."""
+    size = max(4.5, 0.42 * len(class_names) + 2)
+    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1, size),
+                                squeeze=False, layout="constrained")
+    for axis, (matrix, panel_title) in zip(axes[0], panels):
+        image = axis.imshow(matrix, cmap="Blues")
+        ticks = range(len(class_names))
+        axis.set_xticks(ticks, class_names, rotation=90, fontsize=8)
+        axis.set_yticks(ticks, class_names, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        if len(class_names) <= 30:
+            threshold = matrix.max() / 2 if matrix.size else 0
+            for (row, column), value in np.ndenumerate(matrix):
+                axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
+                          color="white" if value > threshold else "black")
+        axis.set_title(panel_title)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    if title:
+        figure.suptitle(title)
+    save(figure, path)
+
+
+def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
+               path: Path, finetune_start: float | None = None) -> None:
+    """Train (dashed) and validation (solid) loss and accuracy of every variant on shared
+    axes, stars at the best epochs, a dotted line where fine-tuning starts."""
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        for name, history in histories.items():
+            if history.empty or "epoch" not in history:
+                continue
+            color = COLORS.get(name)
+            epochs = history["epoch"].to_numpy(float)
+            if metric in history:
+                axis.plot(epochs, history[metric], linestyle="--", color=color, alpha=0.7,
+                          label=f"{name} train")
+            if f"val_{metric}" in history:
+                axis.plot(epochs, history[f"val_{metric}"], color=color,
+                          label=f"{name} validation")
+                best = history[history["epoch"] == best_epochs.get(name)]
+                if not best.empty:
+                    axis.plot(best["epoch"], best[f"val_{metric}"], marker="*", markersize=13,
+                              color=color, markeredgecolor="black", linestyle="none")
+        if finetune_start is not None:
+            axis.axvline(finetune_start, color=COLORS["finetune"], linestyle=":", alpha=0.8)
+            axis.annotate("fine-tune starts\n(from dropout's best weights)",
+                          (finetune_start, 0.0), xycoords=("data", "axes fraction"),
+                          xytext=(4, 4), textcoords="offset points", va="bottom", fontsize=8)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8,
+                  bbox_to_anchor=(0.5, -0.1))
+    figure.suptitle("Learning curves of all variants (train dashed, validation solid, "
+                    "★ best epoch)")
+    save(figure, path)
+
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], title: str, path: Path,
+               empty_text: str = "nothing to show") -> None:
+    """Images in a grid of up to four columns, each with its caption."""
+    columns = 4 if len(images) > 4 else max(1, len(images))
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.3 * rows),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, caption in zip(axes.flat, images, captions):
+        axis.imshow(image)
+        axis.set_title(caption, fontsize=8)
+    if not len(images):
+        axes[0, 0].text(0.5, 0.5, empty_text, ha="center", va="center")
+    figure.suptitle(title)
+    save(figure, path)

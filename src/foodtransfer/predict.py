@@ -3,7 +3,7 @@
 The model is the MLflow pyfunc the variant stages log (raw RGB images in, class probabilities
 out), by default the registry's champion ``models:/<mlflow.registered_model>@champion``.
 Images are decoded exactly as the trim stage decodes the training images
-(:func:`foodtransfer.images.decode_image`: any PIL format, converted to RGB, resized to the
+(:func:`foodtransfer.data.images.decode_image`: any PIL format, converted to RGB, resized to the
 model's input size), so a photo gets the same pixels it would have had in the dataset.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from foodtransfer.errors import UserError
+from foodtransfer.tracking.registry import CHAMPION_ALIAS
+from foodtransfer.training.hyperrule import PREDICT_BATCH
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CHAMPION_ALIAS = "champion"
-BATCH_SIZE = 32
 
 
 class ImageInputError(UserError):
@@ -44,10 +44,6 @@ class Prediction:
         return {"image": self.image,
                 "predictions": [{"class_name": name, "probability": probability}
                                 for name, probability in self.top]}
-
-
-def champion_uri(registered_model: str) -> str:
-    return f"models:/{registered_model}@{CHAMPION_ALIAS}"
 
 
 # -------------------------------------------------------------------------------- images
@@ -73,7 +69,7 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 def read_images(paths: Sequence[Path], height: int, width: int) -> np.ndarray:
     """Decode ``paths`` to a uint8 array (n, height, width, 3), as the trim stage decodes."""
-    from foodtransfer.images import decode_image
+    from foodtransfer.data.images import decode_image
 
     if height != width:
         raise ModelLoadError(f"the model expects {height}x{width} images; foodtransfer "
@@ -116,11 +112,11 @@ def _quiet() -> Iterator[None]:
 def check_store(model_uri: str) -> None:
     """``models:/`` and ``runs:/`` URIs need the tracking store: fail clearly (and do not
     create an empty ``mlflow.db``) when the project's store does not exist."""
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store
 
-    if not model_uri.startswith(("models:/", "runs:/")) or tracking.custom_tracking_uri():
+    if not model_uri.startswith(("models:/", "runs:/")) or store.custom_tracking_uri():
         return
-    database = tracking.default_store_dir() / "mlflow.db"
+    database = store.default_store_dir() / "mlflow.db"
     if not database.is_file():
         raise ModelLoadError(
             f"cannot resolve {model_uri}: there is no MLflow store at {database}. Run the "
@@ -133,10 +129,10 @@ def input_size(model_uri: str) -> tuple[int, int]:
     import mlflow
     from mlflow.models import get_model_info
 
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store
 
     check_store(model_uri)
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
     try:
         with _quiet():
             info = get_model_info(model_uri)
@@ -146,7 +142,7 @@ def input_size(model_uri: str) -> tuple[int, int]:
             hint = (" The report stage registers the champion: run 'dvc repro' first, check "
                     "mlflow.registered_model in params.yaml, or pass --model-uri.")
         raise ModelLoadError(
-            f"cannot load the model {model_uri} from {tracking.tracking_uri()}: "
+            f"cannot load the model {model_uri} from {store.tracking_uri()}: "
             f"{_short(error)}.{hint} Use runs:/<run_id>/model, models:/<name>@<alias>, "
             "models:/<name>/<version>, models:/<model_id> or a local model folder.") from error
     signature = info.signature
@@ -165,9 +161,9 @@ def input_size(model_uri: str) -> tuple[int, int]:
 def load_model(model_uri: str):
     import mlflow
 
-    from foodtransfer import tracking
+    from foodtransfer.tracking import store
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with _quiet():
@@ -176,7 +172,7 @@ def load_model(model_uri: str):
         raise ModelLoadError(f"cannot load the model {model_uri}: {_short(error)}") from error
 
 
-def probabilities(model, images: np.ndarray, batch_size: int = BATCH_SIZE):
+def probabilities(model, images: np.ndarray, batch_size: int = PREDICT_BATCH):
     """The model's class probabilities (a DataFrame, one column per class) for uint8 images."""
     import pandas as pd
 

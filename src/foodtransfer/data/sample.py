@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from foodtransfer import food101
+from foodtransfer.data import food101
 from foodtransfer.atomic import atomic_file
 from foodtransfer.config import SampleConfig
 from foodtransfer.progress import progress

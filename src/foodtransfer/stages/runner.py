@@ -1,5 +1,5 @@
-"""What every stage script shares: logging, clean exits on user errors and SIGTERM, and one
-summary line at the end."""
+"""What every stage script shares: its path options' panels, TensorFlow's environment, logging,
+clean exits on user errors and SIGTERM, and one summary line at the end."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ import typer
 from foodtransfer.errors import UserError
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+# The help panels of a stage script's path options: what the stage reads (DVC deps) and writes
+# (DVC outs). The DAG test (tests/test_dag.py) checks them against dvc.yaml.
+INPUT = "Inputs (DVC deps)"
+OUTPUT = "Outputs (DVC outs)"
+CACHE = "Cache (read and written, not tracked by DVC)"
 
 
 class Terminated(BaseException):

@@ -21,9 +21,10 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
-from foodtransfer.config import StrategyName
+from foodtransfer.config import Params, StrategyName
 from foodtransfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -159,3 +160,41 @@ def set_precision_policy(mixed_precision: bool) -> str:
             log.warning(CPU_PRECISION_WARNING)
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def seed_everything(seed: int) -> None:
+    """Same params, same machine -> same metrics."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How a training stage trains: its ``tf.distribute`` strategy and Keras precision policy."""
+
+    strategy: Any
+    precision_policy: str
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    def record(self) -> dict[str, Any]:
+        """What the metrics file (and, where numeric, MLflow's metrics) say about it."""
+        return {"replicas": self.replicas, "precision_policy": self.precision_policy}
+
+    def tags(self) -> dict[str, str]:
+        return {"replicas": str(self.replicas), "precision_policy": self.precision_policy}
+
+
+def prepare_training(params: Params) -> TrainingSetup:
+    """The strategy and precision policy of ``params``, set up before any model is built,
+    and every random generator seeded."""
+    # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow ops.
+    strategy = make_strategy(params.strategy)
+    policy = set_precision_policy(params.mixed_precision)
+    seed_everything(params.seed)
+    return TrainingSetup(strategy, policy)

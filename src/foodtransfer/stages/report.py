@@ -1,8 +1,8 @@
-"""The report stage: compare the four variants of one pipeline execution and publish the best.
+"""Stage ``report``: compare the four variants of one pipeline execution and publish the best.
 
 It reads what the variant stages wrote (``metrics/<variant>.json``,
-``plots/<variant>/{history,predictions}.csv``, ``artifacts/<variant>/{classes,mlflow_run}.json``)
-and writes ``reports/``: ``comparison.md`` (the table, data version, changed params, MLflow run
+``plots/<variant>/{history,predictions}.csv``, ``artifacts/<variant>/{classes,mlflow_run}.json``,
+all named on its command line) and writes ``reports/``: ``comparison.md`` (the table, data version, changed params, MLflow run
 ids), ``curves.png`` (every variant's train and validation curves on shared axes),
 ``confusion.png`` (best transfer variant and fine-tuned model) and ``errors.png`` (the
 champion's most confident test mistakes). In MLflow it opens a parent run ``pipeline`` that
@@ -22,29 +22,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from foodtransfer import plots
 from foodtransfer.atomic import atomic_dir
 from foodtransfer.config import Params, flatten
+from foodtransfer.data.manifests import data_version
 from foodtransfer.errors import DataError
+from foodtransfer.tracking.registry import CHAMPION_ALIAS
 
 VARIANTS = ("baseline", "transfer", "dropout", "finetune")
 TRANSFER_VARIANTS = ("transfer", "dropout")  # heads on the frozen backbone
-CHAMPION_ALIAS = "champion"
 REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
 ERROR_GRID = 16  # most confident mistakes shown in errors.png
-COLORS = {"baseline": "tab:grey", "transfer": "tab:blue", "dropout": "tab:orange",
-          "finetune": "tab:green"}
 
 
 @dataclass(frozen=True)
-class ReportPaths:
-    """Where the report stage reads and writes (project-relative by default)."""
+class VariantSource:
+    """Where one variant stage's outputs are (from the command line)."""
 
-    trimmed: Path = Path("data/trimmed")
-    split: Path = Path("data/split")
-    metrics: Path = Path("metrics")
-    plots: Path = Path("plots")
-    artifacts: Path = Path("artifacts")
-    reports: Path = Path("reports")
+    metrics: Path  # metrics/<variant>.json: the variant is named by the file
+    plots: Path  # plots/<variant>/ with history.csv and predictions.csv
+    artifacts: Path  # artifacts/<variant>/ with classes.json and mlflow_run.json
+
+    @property
+    def name(self) -> str:
+        return self.metrics.stem
 
 
 @dataclass
@@ -65,18 +66,21 @@ def _require(path: Path, variant: str) -> Path:
     return path
 
 
-def load_results(paths: ReportPaths, variants: tuple[str, ...] = VARIANTS
-                 ) -> dict[str, VariantResult]:
+def load_results(sources: list[VariantSource]) -> dict[str, VariantResult]:
     """Every variant's metrics, curves, test predictions, class names and MLflow run id."""
+    if not sources:
+        raise DataError("no variants to compare: give each variant's --metrics, --plots and "
+                        "--artifacts (see the report stage's cmd in dvc.yaml).")
     results = {}
-    for variant in variants:
-        metrics_path = paths.metrics / f"{variant}.json"
-        run_path = paths.artifacts / variant / "mlflow_run.json"
+    for source in sources:
+        variant = source.name
+        metrics_path = source.metrics
+        run_path = source.artifacts / "mlflow_run.json"
         try:
             metrics = json.loads(_require(metrics_path, variant).read_text())
             run_id = json.loads(_require(run_path, variant).read_text())["run_id"]
             class_names = json.loads(
-                _require(paths.artifacts / variant / "classes.json", variant).read_text())
+                _require(source.artifacts / "classes.json", variant).read_text())
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{metrics_path} or {run_path} is not what the {variant} stage "
                             f"writes ({error}): run 'dvc repro --force {variant}'.") from error
@@ -84,15 +88,16 @@ def load_results(paths: ReportPaths, variants: tuple[str, ...] = VARIANTS
         if missing:
             raise DataError(f"{metrics_path} lacks {', '.join(missing)}: run "
                             f"'dvc repro --force {variant}'.")
-        history = pd.read_csv(_require(paths.plots / variant / "history.csv", variant))
-        predictions = pd.read_csv(_require(paths.plots / variant / "predictions.csv", variant))
+        history = pd.read_csv(_require(source.plots / "history.csv", variant))
+        predictions = pd.read_csv(_require(source.plots / "predictions.csv", variant))
         results[variant] = VariantResult(variant, metrics, history, predictions, class_names,
                                          run_id)
-    first = results[variants[0]].class_names
+    first_name = sources[0].name
+    first = results[first_name].class_names
     for result in results.values():
         if result.class_names != first:
             raise DataError(
-                f"the variants were trained on different classes ({variants[0]}: {first}, "
+                f"the variants were trained on different classes ({first_name}: {first}, "
                 f"{result.name}: {result.class_names}): run 'dvc repro' to bring them in line.")
     return results
 
@@ -214,22 +219,8 @@ def comparison_markdown(results: dict[str, VariantResult], champion: str,
     return "\n".join(lines)
 
 
+
 # ------------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> None:
-    plt = _pyplot()
-    figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-
-
 def _continue_from(dropout: VariantResult | None, finetune: pd.DataFrame) -> pd.DataFrame:
     """The fine-tune history led by the point it starts from: the dropout model at its best
     (restored) epoch, placed just before the first fine-tune epoch, so its curve visibly
@@ -243,46 +234,16 @@ def _continue_from(dropout: VariantResult | None, finetune: pd.DataFrame) -> pd.
 
 
 def plot_curves(results: dict[str, VariantResult], path: Path) -> None:
-    """Train (dashed) and validation (solid) loss and accuracy of every variant on shared
-    axes; the fine-tune curve continues the dropout curve's epochs; stars mark best epochs."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
-    for axis, metric in zip(axes, ("loss", "accuracy")):
-        for name, result in results.items():
-            history = result.history
-            if history.empty or "epoch" not in history:
-                continue
-            color = COLORS.get(name)
-            if name == "finetune":
-                history = _continue_from(results.get("dropout"), history)
-            epochs = history["epoch"].to_numpy(float)
-            if metric in history:
-                axis.plot(epochs, history[metric], linestyle="--", color=color, alpha=0.7,
-                          label=f"{name} train")
-            if f"val_{metric}" in history:
-                axis.plot(epochs, history[f"val_{metric}"], color=color,
-                          label=f"{name} validation")
-                best = history[history["epoch"] == result.metrics.get("best_epoch")]
-                if not best.empty:
-                    axis.plot(best["epoch"], best[f"val_{metric}"], marker="*", markersize=13,
-                              color=color, markeredgecolor="black", linestyle="none")
-        finetune = results.get("finetune")
-        if finetune is not None and not finetune.history.empty:
-            start = float(finetune.history["epoch"].min()) - 0.5
-            axis.axvline(start, color="tab:green", linestyle=":", alpha=0.8)
-            axis.annotate("fine-tune starts\n(from dropout's best weights)", (start, 0.0),
-                          xycoords=("data", "axes fraction"), xytext=(4, 4),
-                          textcoords="offset points", va="bottom", fontsize=8)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(metric)
-        axis.set_title(metric)
-        axis.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8,
-                  bbox_to_anchor=(0.5, -0.1))
-    figure.suptitle("Learning curves of all variants (train dashed, validation solid, "
-                    "★ best epoch)")
-    _save(figure, path)
+    """Every variant's curves on shared axes; the fine-tune curve continues the dropout
+    curve's epochs."""
+    histories = {name: (_continue_from(results.get("dropout"), result.history)
+                        if name == "finetune" else result.history)
+                 for name, result in results.items()}
+    finetune = results.get("finetune")
+    start = (float(finetune.history["epoch"].min()) - 0.5
+             if finetune is not None and not finetune.history.empty else None)
+    plots.all_curves(histories, {name: result.metrics.get("best_epoch")
+                                 for name, result in results.items()}, path, start)
 
 
 def confusion_counts(predictions: pd.DataFrame, class_names: list[str]) -> np.ndarray:
@@ -290,34 +251,6 @@ def confusion_counts(predictions: pd.DataFrame, class_names: list[str]) -> np.nd
 
     return confusion_matrix(predictions["actual"].astype(str),
                             predictions["predicted"].astype(str), labels=class_names)
-
-
-def plot_confusions(results: dict[str, VariantResult], variants: list[str],
-                    path: Path) -> None:
-    """Side-by-side test confusion matrices of ``variants``, class names on both axes."""
-    plt = _pyplot()
-    class_names = results[variants[0]].class_names
-    size = max(4.5, 0.42 * len(class_names) + 2)
-    figure, axes = plt.subplots(1, len(variants), figsize=(size * len(variants) + 1, size),
-                                squeeze=False, layout="constrained")
-    for axis, name in zip(axes[0], variants):
-        matrix = confusion_counts(results[name].predictions, class_names)
-        image = axis.imshow(matrix, cmap="Blues")
-        ticks = range(len(class_names))
-        axis.set_xticks(ticks, class_names, rotation=90, fontsize=8)
-        axis.set_yticks(ticks, class_names, fontsize=8)
-        axis.set_xlabel("predicted")
-        axis.set_ylabel("true")
-        if len(class_names) <= 30:
-            threshold = matrix.max() / 2 if matrix.size else 0
-            for (row, column), value in np.ndenumerate(matrix):
-                axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > threshold else "black")
-        accuracy = results[name].metrics.get("test_accuracy")
-        axis.set_title(f"{name} (test accuracy {_number(accuracy)})")
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.suptitle("Test confusion matrices")
-    _save(figure, path)
 
 
 def most_confident_mistakes(predictions: pd.DataFrame, count: int = ERROR_GRID) -> pd.DataFrame:
@@ -329,9 +262,8 @@ def plot_errors(result: VariantResult, trimmed: Path, split: Path, path: Path,
                 count: int = ERROR_GRID) -> int:
     """A grid of ``result``'s most confident test mistakes (image, true and predicted class,
     probability); returns how many it shows."""
-    from foodtransfer.images import ImageStore
+    from foodtransfer.data.images import ImageStore
 
-    plt = _pyplot()
     mistakes = most_confident_mistakes(result.predictions, count)
     manifest_path = split / "test.csv"
     if not manifest_path.is_file():
@@ -341,38 +273,35 @@ def plot_errors(result: VariantResult, trimmed: Path, split: Path, path: Path,
     if unknown:
         raise DataError(f"{result.name}'s predictions name test images that {manifest_path} "
                         f"does not list ({unknown[:3]}): run 'dvc repro'.")
-    columns = 4 if len(mistakes) > 4 else max(1, len(mistakes))
-    rows = max(1, -(-len(mistakes) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.3 * rows),
-                                squeeze=False)
     stores: dict[str, ImageStore] = {}
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, (_, row) in zip(axes.flat, mistakes.iterrows()):
+    images, captions = [], []
+    for _, row in mistakes.iterrows():
         entry = manifest.loc[row["image_id"]]
         store_name = str(entry["store"])
         if store_name not in stores:
             stores[store_name] = ImageStore(trimmed / f"{store_name}.npy")
-        image = stores[store_name].read([int(entry["index"])])[0]
-        axis.imshow(image)
-        axis.set_title(f"true: {row['actual']}\npredicted: {row['predicted']} "
-                       f"({float(row['probability']):.2f})", fontsize=8)
-    if mistakes.empty:
-        axes[0, 0].text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center")
-    figure.suptitle(f"{result.name}: most confident test mistakes")
-    _save(figure, path)
+        images.append(stores[store_name].read([int(entry["index"])])[0])
+        captions.append(f"true: {row['actual']}\npredicted: {row['predicted']} "
+                        f"({float(row['probability']):.2f})")
+    plots.image_grid(images, captions, f"{result.name}: most confident test mistakes", path,
+                     empty_text="no mistakes on the test set")
     return len(mistakes)
 
 
-def write_figures(results: dict[str, VariantResult], champion: str, paths: ReportPaths,
-                  out: Path) -> None:
+def write_figures(results: dict[str, VariantResult], champion: str, trimmed: Path,
+                  split: Path, out: Path) -> None:
     plot_curves(results, out / "curves.png")
     confusion_variants = [choose_best(results, TRANSFER_VARIANTS)] if any(
         name in results for name in TRANSFER_VARIANTS) else []
     if "finetune" in results:
         confusion_variants.append("finetune")
-    plot_confusions(results, confusion_variants or [champion], out / "confusion.png")
-    plot_errors(results[champion], paths.trimmed, paths.split, out / "errors.png")
+    class_names = results[champion].class_names
+    plots.confusion_figure(
+        [(confusion_counts(results[name].predictions, class_names),
+          f"{name} (test accuracy {_number(results[name].metrics.get('test_accuracy'))})")
+         for name in confusion_variants or [champion]],
+        class_names, out / "confusion.png", title="Test confusion matrices")
+    plot_errors(results[champion], trimmed, split, out / "errors.png")
 
 
 # --------------------------------------------------------------------------------- stage
@@ -385,43 +314,47 @@ def _model_description(results: dict[str, VariantResult]) -> str:
             "accuracy of the latest pipeline run.")
 
 
-def run_report(params: Params, paths: ReportPaths) -> str:
-    """Write ``reports/``, log it to a parent MLflow run that groups this execution's variant
-    runs, and register the champion. Returns the stage's summary line."""
+def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource],
+        out: Path) -> str:
+    """Write ``out`` (reports/), log it to a parent MLflow run that groups this execution's
+    variant runs, and register the champion. Returns the stage's summary line."""
     import os
 
-    from foodtransfer import tracking
-    from foodtransfer.split import data_version
+    from foodtransfer.tracking import runs as tracking_runs
+    from foodtransfer.tracking.registry import register_model_version
+    from foodtransfer.tracking.store import connect, project_root
 
-    results = load_results(paths)
+    results = load_results(sources)
     champion = choose_best(results)
-    version = data_version(paths.split)
+    version = data_version(split)
     changed = changed_params(params)
     config = params.mlflow
-    tracking.connect(config.experiment)
-    runs = tracking.get_variant_runs({name: result.run_id for name, result in results.items()})
+    connect(config.experiment)
+    runs = tracking_runs.get_variant_runs(
+        {name: result.run_id for name, result in results.items()})
     tags = {"data_version": version, "champion": champion,
             **{f"variant_run_id.{name}": result.run_id for name, result in results.items()}}
-    with tracking.pipeline_run(config.experiment, flatten(params), tags) as parent, \
-            atomic_dir(paths.reports) as tmp:
+    with tracking_runs.tracked_run(config.experiment, tracking_runs.PIPELINE_RUN_NAME,
+                                   "pipeline", flatten(params), tags) as parent, \
+            atomic_dir(out) as tmp:
         # Figures first: a failure there must not move the champion alias.
-        write_figures(results, champion, paths, tmp)
+        write_figures(results, champion, trimmed, split, tmp)
         champion_run = runs[champion]
-        registered_version = tracking.register_model_version(
+        registered_version = register_model_version(
             champion_run.data.tags["model_uri"], config.registered_model, CHAMPION_ALIAS,
             champion_run.info.run_id,
             tags={"variant": champion, "data_version": version,
-                  tracking.PIPELINE_TAG: parent.run_id,
+                  tracking_runs.PIPELINE_TAG: parent.run_id,
                   "best_val_accuracy": f"{results[champion].metrics['best_val_accuracy']:.4f}",
                   "class_names": json.dumps(results[champion].class_names)[:5000]},
             description=_model_description(results))
-        adopted = tracking.adopt_runs(parent.run_id, runs)
+        adopted = tracking_runs.adopt_runs(parent.run_id, runs)
         owners = {name: (parent.run_id if name in adopted
-                         else runs[name].data.tags.get(tracking.PIPELINE_TAG, ""))
+                         else runs[name].data.tags.get(tracking_runs.PIPELINE_TAG, ""))
                   for name in results}
         context = ReportContext(
             experiment=config.experiment, data_version=version, parent_run_id=parent.run_id,
-            git_commit=tracking.git_commit(tracking.project_root()),
+            git_commit=tracking_runs.git_commit(project_root()),
             dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
             registered_model=config.registered_model, registered_version=registered_version,
             run_owner=owners)
@@ -434,7 +367,7 @@ def run_report(params: Params, paths: ReportPaths) -> str:
                             if key in ("test_accuracy", "test_top5_accuracy", "test_macro_f1",
                                        "best_val_accuracy")})
         # MLflow's UI shows this tag as the run's description (rendered markdown).
-        parent.set_tags({"mlflow.note.content": markdown[:7900],
+        parent.set_tags({tracking_runs.NOTE_TAG: markdown[:7900],
                          "registered_model_version": registered_version})
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
@@ -443,4 +376,4 @@ def run_report(params: Params, paths: ReportPaths) -> str:
             f"@{CHAMPION_ALIAS}; pipeline run {parent.run_id} groups "
             f"{', '.join(adopted) or 'no new runs'}"
             + (f" (reused: {', '.join(reused)})" if reused else "")
-            + f"; report in {paths.reports}/")
+            + f"; report in {out}/")

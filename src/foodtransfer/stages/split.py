@@ -1,9 +1,8 @@
-"""Stratified, seeded train/validation split of the trimmed train images; the official test
-images stay the held-out test set."""
+"""Stage ``split``: a stratified, seeded train/validation split of the trimmed train images;
+the official test images stay the held-out test set."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,9 +11,9 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from foodtransfer.atomic import atomic_dir, write_text
+from foodtransfer.config import Params
+from foodtransfer.data.manifests import data_version
 from foodtransfer.errors import DataError
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction: float,
@@ -47,9 +46,8 @@ def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction:
     return counts
 
 
-def data_version(split_dir: Path) -> str:
-    """A short hash of the split manifests: the same data gives the same version anywhere."""
-    digest = hashlib.sha256()
-    for name in SPLIT_NAMES:
-        digest.update((split_dir / f"{name}.csv").read_bytes())
-    return digest.hexdigest()[:12]
+def run(params: Params, trimmed: Path, out: Path, metrics: Path) -> str:
+    counts = split(trimmed, out, metrics, val_fraction=params.data.val_fraction,
+                   seed=params.seed)
+    sizes = ", ".join(f"{name} {sum(c.values())}" for name, c in counts.items())
+    return f"{sizes} images; data version {data_version(out)}; manifests in {out}"

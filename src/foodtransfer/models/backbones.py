@@ -13,8 +13,6 @@ model logged to MLflow all see images the same way.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -37,47 +35,21 @@ def caffe_preprocess_layer() -> keras.layers.Layer:
     )
 
 
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    constructor: Callable[..., keras.Model]
-    default_size: int
-    preprocessing: str  # "builtin" | "mobilenet" | "caffe"
-    constructor_kwargs: tuple[tuple[str, object], ...] = ()
-
-    def preprocess_layer(self) -> keras.layers.Layer | None:
-        if self.preprocessing == "mobilenet":
-            return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
-        if self.preprocessing == "caffe":
-            return caffe_preprocess_layer()
-        return None
+def preprocess_layer(name: str) -> keras.layers.Layer | None:
+    """The layer that scales raw RGB 0..255 the way backbone ``name`` expects (None: the
+    backbone does it itself)."""
+    check_backbone(name)
+    kind = config.BACKBONES[name]
+    if kind == "mobilenet":
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+    if kind == "caffe":
+        return caffe_preprocess_layer()
+    return None
 
 
-A = keras.applications
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        Backbone("EfficientNetV2B0", A.EfficientNetV2B0, 224, "builtin",
-                 (("include_preprocessing", True),)),
-        Backbone("EfficientNetV2B1", A.EfficientNetV2B1, 240, "builtin",
-                 (("include_preprocessing", True),)),
-        Backbone("EfficientNetB0", A.EfficientNetB0, 224, "builtin"),
-        Backbone("EfficientNetB3", A.EfficientNetB3, 300, "builtin"),
-        Backbone("MobileNetV2", A.MobileNetV2, 224, "mobilenet"),
-        Backbone("ResNet50", A.ResNet50, 224, "caffe"),
-        Backbone("VGG16", A.VGG16, 224, "caffe"),
-        Backbone("ConvNeXtTiny", A.ConvNeXtTiny, 224, "builtin",
-                 (("include_preprocessing", True),)),
-    )
-}
-
-
-def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") \
-            from None
+def check_backbone(name: str) -> None:
+    if name not in config.BACKBONES:
+        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(config.BACKBONES)}")
 
 
 def _keras_cache_dir() -> Path:
@@ -90,15 +62,16 @@ def build_backbone(name: str, weights: str, image_size: int) -> keras.Model:
     ``weights``: ``imagenet`` (Keras downloads and caches it in ~/.keras/models), ``none`` or
     a path to a weights file.
     """
-    spec = get_backbone(name)
+    check_backbone(name)
     keras_weights: str | None = None if weights == "none" else weights
     if keras_weights not in (None, "imagenet") and not Path(keras_weights).is_file():
         raise UserError(f"weights = {weights!r}: no such file. Set weights to an existing file, "
                         "'imagenet' or 'none'.")
     try:
-        return spec.constructor(include_top=False, weights=keras_weights,
-                                input_shape=(image_size, image_size, 3),
-                                **dict(spec.constructor_kwargs))
+        # EfficientNetV2 and ConvNeXt scale their inputs themselves (include_preprocessing
+        # defaults to True): 0..255 in.
+        return getattr(keras.applications, name)(include_top=False, weights=keras_weights,
+                                                 input_shape=(image_size, image_size, 3))
     except Exception as error:  # Keras raises bare Exceptions for fetch failures
         if keras_weights == "imagenet":
             raise UserError(
@@ -114,6 +87,3 @@ def build_backbone(name: str, weights: str, image_size: int) -> keras.Model:
             ) from error
         raise
 
-
-if tuple(BACKBONES) != config.BACKBONES:  # the two lists must name the same backbones
-    raise ImportError("foodtransfer.config.BACKBONES is out of sync with backbones.BACKBONES")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +121,11 @@ class ImageStoreWriter(NpyWriter):
 
     def __init__(self, path: Path, size: int) -> None:
         super().__init__(path, (size, size, 3), "uint8")
-        self.size = size
 
 
-class ImageStore:
-    """Read images from a store written by :class:`ImageStoreWriter` (or any uint8 .npy)."""
+class NpyRows:
+    """Read rows of a .npy file (as :class:`NpyWriter` writes them) by index, with plain file
+    reads: nothing but the rows asked for is held in memory."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -135,33 +135,40 @@ class ImageStore:
                       else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = reader(handle)
             self.offset = handle.tell()
-        if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
-            raise ValueError(f"{self.path} is not a uint8 (N, H, W, 3) image store")
+        if fortran or not shape:
+            raise ValueError(f"{self.path} is not a C-ordered array of rows")
         self.shape = shape
-        self.image_bytes = int(np.prod(shape[1:]))
+        self.dtype = dtype
+        self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def read(self, indices: Sequence[int], rows: int | None = None) -> np.ndarray:
-        """Images at ``indices`` as a new (len(indices), H, W, 3) array; with ``rows``, an
-        array of that many rows whose rows after the images are zeros."""
+        """Rows at ``indices`` as a new array; with ``rows``, an array of that many rows whose
+        rows after the ones read are zeros."""
         if rows is None:
-            out = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+            out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
         elif rows < len(indices):
-            raise ValueError(f"{len(indices)} images do not fit in {rows} rows")
+            raise ValueError(f"{len(indices)} rows do not fit in {rows}")
         else:
-            out = np.zeros((rows, *self.shape[1:]), dtype=np.uint8)
+            out = np.zeros((rows, *self.shape[1:]), dtype=self.dtype)
         with open(self.path, "rb", buffering=0) as handle:
             for row, index in enumerate(indices):
                 if not 0 <= index < len(self):
-                    raise IndexError(f"image {index} out of range for {self.path} ({len(self)})")
-                handle.seek(self.offset + int(index) * self.image_bytes)
+                    raise IndexError(f"row {index} out of range for {self.path} ({len(self)})")
+                handle.seek(self.offset + int(index) * self.row_bytes)
                 view = memoryview(out[row]).cast("B")
-                if handle.readinto(view) != self.image_bytes:
-                    raise OSError(f"{self.path} is truncated at image {index}")
+                if handle.readinto(view) != self.row_bytes:
+                    raise OSError(f"{self.path} is truncated at row {index}")
         return out
 
-    def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(indices), batch_size):
-            yield self.read(indices[start:start + batch_size])
+
+class ImageStore(NpyRows):
+    """Read images from a store written by :class:`ImageStoreWriter` (or any uint8 .npy of
+    RGB images)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
+            raise ValueError(f"{self.path} is not a uint8 (N, H, W, 3) image store")

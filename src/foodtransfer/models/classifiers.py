@@ -15,7 +15,7 @@ from typing import Literal
 
 import keras
 
-from foodtransfer.backbones import build_backbone, get_backbone
+from foodtransfer.models.backbones import build_backbone, preprocess_layer
 
 BACKBONE_LAYER = "backbone"
 # The softmax stays float32 under the mixed_float16 policy (mixed_precision: true), so the
@@ -70,7 +70,7 @@ def build_feature_extractor(backbone: str, weights: str, image_size: int) -> ker
     base.trainable = False
     inputs = image_input(image_size)
     x = inputs
-    preprocess = get_backbone(backbone).preprocess_layer()
+    preprocess = preprocess_layer(backbone)
     if preprocess is not None:
         x = preprocess(x)
     # training=False keeps BatchNormalization in inference mode, also when fine-tuning.
@@ -129,25 +129,6 @@ def unfreeze_top(backbone: keras.Model, unfreeze: int | Literal["all"]) -> int:
         layer.trainable = on_top and not isinstance(layer, keras.layers.BatchNormalization)
         trainable += int(layer.trainable)
     return trainable
-
-
-def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
-                   ) -> keras.optimizers.Optimizer:
-    optimizers = {"nadam": keras.optimizers.Nadam, "adam": keras.optimizers.Adam,
-                  "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[name](learning_rate=learning_rate)
-
-
-def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                       num_classes: int) -> None:
-    model.compile(
-        optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
-    )
 
 
 def parameter_counts(model: keras.Model) -> tuple[int, int]:

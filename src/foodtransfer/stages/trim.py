@@ -1,4 +1,4 @@
-"""Trim the archive to the chosen classes and sizes, decoding every image exactly once.
+"""Stage ``trim``: keep the chosen classes and numbers of images, decoding each exactly once.
 
 For each class, the ids of the official train (and test) list are shuffled with a RNG seeded by
 ``seed`` and the class name, then decoded in that order until ``samples_per_class`` (and
@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,10 +22,11 @@ from typing import Literal
 
 import pandas as pd
 
-from foodtransfer import food101
 from foodtransfer.atomic import atomic_dir
+from foodtransfer.config import Params
+from foodtransfer.data import food101
+from foodtransfer.data.images import Decoded, ImageStoreWriter, decode_image
 from foodtransfer.errors import DataError
-from foodtransfer.images import Decoded, ImageStoreWriter, decode_image
 from foodtransfer.progress import progress
 
 log = logging.getLogger(__name__)
@@ -173,3 +174,14 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
         log.warning("%s %s: %s (%s)", entry["split"], entry["image_id"], entry["action"],
                     entry["reason"])
     return TrimResult(class_names, counts, skipped)
+
+
+def run(params: Params, raw: Path, out: Path) -> str:
+    data = params.data
+    result = trim(raw, out, classes=data.classes, samples_per_class=data.samples_per_class,
+                  test_per_class=data.test_per_class, allow_fewer=data.allow_fewer,
+                  image_size=params.image_size, seed=params.seed)
+    train = sum(result.counts["train"].values())
+    test = sum(result.counts["test"].values())
+    return (f"decoded {train} train + {test} test images of {len(result.classes)} classes at "
+            f"{params.image_size}px, skipped {result.skipped} unreadable (see {out}/report.csv)")

@@ -1,4 +1,4 @@
-"""Download (resumable, md5-verified) and selective extraction of the Food-101 archive.
+"""The Food-101 archive: download (resumable, md5-verified) and selective extraction.
 
 The archive is kept in a download cache (``data/downloads/``) that is *not* a DVC output: DVC
 deletes a stage's outputs before running it, which would throw away a partial 5 GB download.
@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from foodtransfer import food101
+from foodtransfer.data import food101
 from foodtransfer.atomic import atomic_dir
 from foodtransfer.errors import DownloadError
 from foodtransfer.progress import progress
@@ -34,12 +34,9 @@ CHUNK = 1 << 20
 SPACE_MARGIN = 256 << 20  # keep this much free beyond the archive itself
 
 
-def _fix_hint(url: str) -> str:
-    return (
-        "Check the network and the URL, or point data.url at a downloaded copy "
-        "(data.url=file:///path/to/food-101.tar.gz), or run offline on the generated sample "
-        "with data.source=sample."
-    )
+FIX_HINT = ("Check the network and the URL, or point data.url at a downloaded copy "
+            "(data.url=file:///path/to/food-101.tar.gz), or run offline on the generated "
+            "sample with data.source=sample.")
 
 
 def file_md5(path: Path, show_progress: bool = True) -> str:
@@ -96,14 +93,14 @@ def download(url: str, destination: Path, *, timeout: float = 60.0,
             return DownloadResult(destination, 0, offset)
         raise DownloadError(
             f"Download of {url} failed: the server answered HTTP {error.code} {error.reason}. "
-            + _fix_hint(url)
+            + FIX_HINT
         ) from error
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         if isinstance(reason, socket.gaierror):
             host = urllib.parse.urlparse(url).hostname
             reason = f"the host name {host!r} does not resolve (DNS: {reason.strerror})"
-        raise DownloadError(f"Cannot reach {url}: {reason}. " + _fix_hint(url)) from error
+        raise DownloadError(f"Cannot reach {url}: {reason}. " + FIX_HINT) from error
 
     with response:
         status = getattr(response, "status", 200)

@@ -1,0 +1,66 @@
+"""Running a model over data without training it: compiled forward passes over a split's
+images (streamed to disk or collected), and batched predictions of in-memory arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from foodtransfer.data.datasets import image_dataset
+from foodtransfer.data.images import NpyWriter
+from foodtransfer.data.manifests import Split
+from foodtransfer.training.hyperrule import FORWARD_BATCH, PREDICT_BATCH
+
+
+def compile_forward(model, batch_size: int = FORWARD_BATCH):
+    """The forward pass of ``model`` (any Keras model of float images 0..255) as one compiled
+    function of a fixed input: a batch of exactly ``batch_size`` uint8 images, cast to float
+    on the device. Traced once (XLA where Keras would use it, i.e. on GPU)."""
+    import tensorflow as tf
+
+    height, width, channels = model.input_shape[1:]
+    spec = tf.TensorSpec((batch_size, height, width, channels), tf.uint8)
+
+    @tf.function(input_signature=[spec], jit_compile=bool(model.jit_compile))
+    def forward(images):
+        return model(tf.cast(images, tf.float32), training=False)
+
+    forward.batch_size = batch_size
+    forward.output_shape = tuple(model.output_shape[1:])
+    return forward
+
+
+def forward_batches(forward, trimmed_dir: Path, split: Split):
+    """Yield ``forward``'s outputs (NumPy, float32) for the images of ``split`` in manifest
+    order, one batch at a time, without the zero padding of the last batch."""
+    dataset = image_dataset(trimmed_dir, split, forward.batch_size, with_labels=False,
+                            fixed_batches=True)
+    for images, count in dataset:
+        yield forward(images).numpy()[:int(count)].astype("float32", copy=False)
+
+
+def write_outputs(forward, trimmed_dir: Path, split: Split, path: Path,
+                  on_batch=lambda count: None) -> None:
+    """Stream ``forward``'s outputs for the images of ``split`` into ``path``, a float32 .npy
+    of one row per image; memory does not grow with the number of images. ``on_batch(count)``
+    follows the progress."""
+    with NpyWriter(path, forward.output_shape, "float32") as writer:
+        for outputs in forward_batches(forward, trimmed_dir, split):
+            writer.extend(outputs)
+            on_batch(len(outputs))
+
+
+def predict_split(forward, trimmed_dir: Path, split: Split) -> np.ndarray:
+    """Class probabilities for every image of ``split`` (manifest order) from ``forward``, an
+    image model's :func:`compile_forward`."""
+    return np.concatenate(list(forward_batches(forward, trimmed_dir, split)))
+
+
+def predict_array(model, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Probabilities for in-memory inputs, batch by batch, without Keras' data adapters."""
+    import keras
+
+    outputs = [keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=False))
+               for start in range(0, len(x), batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))

@@ -1,0 +1,166 @@
+"""What a variant stage leaves behind, written once and mirrored into its MLflow run.
+
+The DVC outputs of a variant (paths given on its command line by dvc.yaml): the metrics file
+(``metrics/<variant>.json``), the plots folder (``history.csv``, ``predictions.csv``), the
+artifacts folder (learning curves, confusion matrix, classification report, class names, the
+MLflow run id) and the model folder. The same numbers and files go to the variant's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foodtransfer import plots
+from foodtransfer.atomic import atomic_dir, write_text
+from foodtransfer.config import Params, flatten
+from foodtransfer.data.datasets import example_images
+from foodtransfer.data.manifests import Split, data_version
+from foodtransfer.evaluation import Evaluation, evaluate
+from foodtransfer.training.distribute import TrainingSetup
+from foodtransfer.training.loop import History
+
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5",
+                   "learning_rate")
+
+
+@dataclass(frozen=True)
+class VariantPaths:
+    """Where a variant stage writes (from its command line)."""
+
+    metrics: Path  # metrics/<variant>.json
+    plots: Path  # plots/<variant>/: history.csv, predictions.csv
+    artifacts: Path  # artifacts/<variant>/
+    model: Path  # models/<variant>/
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row.get(key, "") for key in HISTORY_COLUMNS})
+    return buffer.getvalue()
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows of a ``history.csv`` (empty when the file does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path) as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def predictions_csv(split: Split, predicted: np.ndarray, probabilities: np.ndarray,
+                    class_names: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image_id", "actual", "predicted", "probability"])
+    for image_id, label, guess, probs in zip(split.image_ids, split.labels, predicted,
+                                             probabilities):
+        writer.writerow([image_id, class_names[label], class_names[guess],
+                         f"{float(probs[guess]):.6f}"])
+    return buffer.getvalue()
+
+
+def write_results(variant: str, paths: VariantPaths, class_names: list[str], run, *,
+                  history: History, test: Evaluation, validation: Evaluation,
+                  test_probabilities: np.ndarray, test_split: Split, extra: dict[str, Any],
+                  curve_rows: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """Write the metrics file, the plots and the artifacts of ``variant`` and log them to
+    ``run`` (a :class:`foodtransfer.tracking.runs.TrackedRun`); returns the metrics."""
+    best_epoch = history.best_epoch()
+    metrics: dict[str, Any] = {
+        **test.metrics, **validation.metrics,
+        "epochs_run": history.epochs_run, "best_epoch": best_epoch,
+        "seconds_per_epoch": round(history.seconds_per_epoch, 4),
+        **extra,
+    }
+    write_text(paths.metrics, json.dumps({**metrics, "per_class": test.per_class}, indent=2)
+               + "\n")
+    write_text(paths.plots / "history.csv", history_csv(history.rows))
+    write_text(paths.plots / "predictions.csv", predictions_csv(
+        test_split, test.predicted, test_probabilities, class_names))
+    with atomic_dir(paths.artifacts) as tmp:
+        plots.learning_curves(curve_rows or history.rows, best_epoch,
+                              f"{variant}: learning curves", tmp / "learning_curves.png")
+        plots.confusion_figure([(test.confusion, f"{variant}: test confusion matrix (accuracy "
+                                                 f"{test.metrics['test_accuracy']:.3f})")],
+                               class_names, tmp / "confusion.png")
+        (tmp / "classification_report.txt").write_text(test.report_text)
+        (tmp / "classes.json").write_text(json.dumps(class_names, indent=1) + "\n")
+        # Which MLflow run produced these outputs: the report stage groups and links runs.
+        (tmp / "mlflow_run.json").write_text(json.dumps(
+            {"variant": variant, "run_id": run.run_id}, indent=1) + "\n")
+    run.log_metrics({k: v for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("learning_curves.png", "confusion.png", "classification_report.txt",
+                 "classes.json"):
+        run.log_artifact(paths.artifacts / name)
+    for name in ("history.csv", "predictions.csv"):
+        run.log_artifact(paths.plots / name, "dvc_plots")
+    run.log_artifact(paths.metrics, "dvc_metrics")
+    return metrics
+
+
+def save_model(model, class_names: list[str], paths: VariantPaths, run, example: np.ndarray,
+               *, head=None) -> None:
+    """Save the image model (and the head it ends with, when given) to the model folder and
+    log it to ``run`` as the pyfunc model that predict and the registry use."""
+    with atomic_dir(paths.model) as tmp:
+        if head is not None:
+            head.save(tmp / "head.keras")
+        model.save(tmp / "model.keras")
+        (tmp / "classes.json").write_text(json.dumps(class_names) + "\n")
+    run.log_model(paths.model / "model.keras", paths.model / "classes.json", example)
+
+
+def summary(metrics: dict[str, Any], history: History) -> str:
+    """The stage's one-line summary (the stage runner puts the stage's name in front)."""
+    return (f"test accuracy {metrics['test_accuracy']:.3f}, top-5 "
+            f"{metrics['test_top5_accuracy']:.3f}, macro F1 {metrics['test_macro_f1']:.3f}; "
+            f"{history.epochs_run} epochs (best {history.best_epoch()}), "
+            f"{history.seconds_per_epoch:.2f} s/epoch")
+
+
+def variant_run(params: Params, variant: str, split_dir: Path, setup: TrainingSetup,
+                tags: dict[str, str] | None = None):
+    """The MLflow run of ``variant`` (a context manager; see
+    :func:`foodtransfer.tracking.runs.tracked_run`), with the full params, and the data
+    version, the training setup and ``tags`` as tags."""
+    from foodtransfer.tracking.runs import tracked_run
+
+    return tracked_run(params.mlflow.experiment, variant, "variant", flatten(params),
+                       {"variant": variant, "data_version": data_version(split_dir),
+                        **setup.tags(), **(tags or {})})
+
+
+def finish_image_model(variant: str, model, history: History, trimmed: Path,
+                       splits: dict[str, Split], class_names: list[str], run,
+                       paths: VariantPaths, extra: dict[str, Any],
+                       curve_rows: list[dict[str, float]] | None = None) -> str:
+    """Evaluate an image model (raw images in) on validation and test, write and log its
+    results and save it; returns the stage's summary line."""
+    from foodtransfer.models.classifiers import parameter_counts
+    from foodtransfer.models.inference import compile_forward, predict_split
+
+    forward = compile_forward(model)
+    test_probs = predict_split(forward, trimmed, splits["test"])
+    val_probs = predict_split(forward, trimmed, splits["val"])
+    test = evaluate(test_probs, splits["test"].labels, class_names)
+    validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
+    total, trainable = parameter_counts(model)
+    metrics = write_results(variant, paths, class_names, run, history=history, test=test,
+                            validation=validation, test_probabilities=test_probs,
+                            test_split=splits["test"], curve_rows=curve_rows,
+                            extra={**extra, "total_params": total,
+                                   "trainable_params": trainable})
+    save_model(model, class_names, paths, run, example_images(trimmed, splits["test"]))
+    return summary(metrics, history)

@@ -1,0 +1,109 @@
+"""Stage ``finetune``: the trained dropout model with the top ``finetune.unfreeze`` backbone
+layers unfrozen (BatchNormalization stays frozen), trained on at ``learning_rate ×
+finetune.lr_scale`` (params section ``finetune``).
+
+When nothing random happens before the unfrozen layers (no augmentation), the frozen bottom's
+output for each image never changes: it is computed once, streamed to a scratch file beside the
+model folder, and each epoch runs only the unfrozen top and the head (exact, much faster).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from foodtransfer.atomic import scratch_dir
+from foodtransfer.config import Params
+from foodtransfer.data.datasets import image_dataset, npy_dataset
+from foodtransfer.data.manifests import Split, load_classes, load_splits
+from foodtransfer.errors import DataError
+from foodtransfer.models.classifiers import (augmentation, get_backbone_model,
+                                             split_frozen_bottom, unfreeze_top)
+from foodtransfer.models.inference import compile_forward, write_outputs
+from foodtransfer.results import (VariantPaths, finish_image_model, read_history,
+                                  variant_run)
+from foodtransfer.training import hyperrule
+from foodtransfer.training.distribute import prepare_training
+from foodtransfer.training.loop import History, fit
+
+
+def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Split],
+                        scratch: Path, strategy):
+    """The model from the cut to the probabilities (created in ``strategy``'s scope, to be
+    trained there), after writing the frozen bottom's output for every train and validation
+    image to ``scratch/{train,val}.npy`` (streamed: memory does not grow with the images)."""
+    import keras
+
+    extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
+    head = model.get_layer("head")
+    names = [layer.name for layer in extractor.layers]
+    image = keras.Input(model.input_shape[1:], name="image")
+    x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
+    forward = compile_forward(keras.Model(image, bottom(x, training=False),
+                                          name="frozen_bottom"))
+    for name in ("train", "val"):
+        write_outputs(forward, trimmed, splits[name], scratch / f"{name}.npy")
+    with strategy.scope():
+        cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
+        outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
+        return keras.Model(cut, outputs, name="finetune_top")
+
+
+def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_history: Path,
+        outputs: VariantPaths) -> str:
+    import keras
+
+    setup = prepare_training(params)
+    class_names = load_classes(trimmed)
+    splits = load_splits(split)
+    source = start_model / "model.keras"
+    if not source.is_file():
+        raise DataError(f"{source} is missing: run 'dvc repro dropout' first.")
+    config = params.finetune
+    with setup.strategy.scope():
+        model = keras.saving.load_model(source)
+        backbone = get_backbone_model(model)
+        unfrozen = unfreeze_top(backbone, config.unfreeze)
+        if config.augment:
+            inputs = keras.Input(model.input_shape[1:], name="image")
+            model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
+                                name="image_classifier")
+    parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
+    start_rows = read_history(start_history)
+    first_epoch = (int(start_rows[-1]["epoch"]) if start_rows else 0) + 1
+    batch = params.batch_size
+    extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
+                             **setup.record()}
+    with variant_run(params, "finetune", split, setup,
+                     {"backbone": params.backbone}) as run, \
+            scratch_dir(outputs.model.with_name(outputs.model.name + "-bottom")) as scratch:
+        if parts is not None:
+            started = time.perf_counter()
+            trainable_model = cached_bottom_model(model, *parts, trimmed, splits, scratch,
+                                                  setup.strategy)
+            train = npy_dataset(scratch / "train.npy", splits["train"].labels, batch,
+                                shuffle=True, seed=params.seed)
+            val = npy_dataset(scratch / "val.npy", splits["val"].labels, batch)
+            extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
+        else:
+            trainable_model = model
+            train = image_dataset(trimmed, splits["train"], batch, shuffle=True,
+                                  seed=params.seed)
+            val = image_dataset(trimmed, splits["val"], batch)
+        extra["cached_bottom"] = int(parts is not None)
+        run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout",
+                      "cached_bottom": str(parts is not None)})
+        history = History()
+        if config.epochs:
+            with setup.strategy.scope():
+                history = fit(trainable_model, train, val, epochs=config.epochs,
+                              learning_rate=hyperrule.finetune_learning_rate(
+                                  params.learning_rate, config.lr_scale),
+                              optimizer=params.optimizer, lr_schedule=params.lr_schedule,
+                              patience=params.patience, num_classes=len(class_names),
+                              batch_size=batch, train_examples=len(splits["train"]),
+                              first_epoch=first_epoch, on_epoch=run.log_epoch)
+        # The full image model shares every layer with the trained one: evaluate and log it.
+        return finish_image_model("finetune", model, history, trimmed, splits, class_names,
+                                  run, outputs, extra, curve_rows=start_rows + history.rows)

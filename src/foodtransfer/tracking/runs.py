@@ -1,0 +1,183 @@
+"""The life of an MLflow run: one per variant stage, one parent ``pipeline`` run per report.
+
+:func:`tracked_run` opens either kind with the same tags (git commit, DVC experiment name, host
+and process), logs the flat params, and always ends the run: FINISHED, or FAILED on any
+exception (SIGTERM included: stages turn it into an exception). A run that a killed process
+left RUNNING is ended as KILLED by the next run opened on the same host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from foodtransfer.atomic import process_alive
+from foodtransfer.errors import TrackingError
+from foodtransfer.tracking.store import connect, project_root, retry_on_lock, tracking_uri
+
+log = logging.getLogger(__name__)
+
+HOST_TAG, PID_TAG = "host", "pid"  # where a run's process runs: to find runs left RUNNING
+PIPELINE_RUN_NAME = "pipeline"
+RUN_KIND_TAG = "run_kind"  # "variant" or "pipeline"
+PIPELINE_TAG = "pipeline_run_id"  # on a variant run: the pipeline run it belongs to
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
+NOTE_TAG = "mlflow.note.content"  # MLflow's UI shows this tag as the run's description
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class TrackedRun:
+    """Logging to one open MLflow run; every call retries on SQLite's lock."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        import mlflow
+
+        step = int(row["epoch"])
+        values = {key: float(value) for key, value in row.items() if key != "epoch"}
+        retry_on_lock(mlflow.log_metrics)(values, step=step)
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.log_metrics)({k: float(v) for k, v in values.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.log_artifact)(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        retry_on_lock(mlflow.set_tags)(tags)
+
+    def log_model(self, model_path: Path, class_names_path: Path, example: Any) -> str:
+        """Log the saved Keras model as this run's pyfunc model; tag and return its URI."""
+        from foodtransfer.tracking.models import log_model
+
+        model_uri = log_model(model_path, class_names_path, example)
+        self.set_tags({"model_uri": model_uri})
+        return model_uri
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the runs of this experiment that are still RUNNING although the process
+    that started them on this host is gone (SIGKILL, power loss: nothing could end them).
+    Returns their ids. Runs of other hosts are left alone: their processes cannot be seen."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = retry_on_lock(client.search_runs)(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+        f"tags.{HOST_TAG} = '{socket.gethostname()}'", max_results=1000)
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            retry_on_lock(client.set_terminated)(run.info.run_id, status="KILLED")
+            log.info("MLflow run %s (%s) marked killed: its process %s is gone",
+                     run.info.run_id, run.info.run_name, pid)
+            ended.append(run.info.run_id)
+    return ended
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
+                tags: dict[str, str]) -> Iterator[TrackedRun]:
+    """Open the MLflow run ``name`` of ``kind`` ("variant" or "pipeline") in ``experiment``
+    with ``params`` and ``tags`` (plus git commit, DVC experiment name, host and process). It
+    ends FINISHED, or FAILED on any exception; runs that killed processes left RUNNING are
+    ended as KILLED first."""
+    import mlflow
+
+    end_orphaned_runs(connect(experiment))
+    all_tags = {RUN_KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    commit = git_commit(project_root())
+    if commit:
+        all_tags["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    all_tags.update(tags)
+    run = retry_on_lock(mlflow.start_run)(run_name=name, tags=all_tags)
+    status = "FAILED"
+    try:
+        retry_on_lock(mlflow.log_params)({k: ("null" if v is None else v)
+                                          for k, v in params.items()})
+        yield TrackedRun(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        retry_on_lock(mlflow.end_run)(status=status)
+        log.info("MLflow run %s (%s) %s in %s", run.info.run_id, name, status.lower(),
+                 tracking_uri())
+
+
+def get_variant_runs(run_ids: dict[str, str]) -> dict[str, Any]:
+    """The finished MLflow runs (``mlflow.entities.Run``) of ``{variant: run_id}``, or a
+    TrackingError saying which one is missing or unfinished and how to fix it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    runs = {}
+    for variant, run_id in run_ids.items():
+        try:
+            run = retry_on_lock(client.get_run)(run_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' (artifacts/{variant}/"
+                f"mlflow_run.json) is not in the store {tracking_uri()} ({error.error_code}): "
+                "the store was reset or MLFLOW_TRACKING_URI points elsewhere. Re-run the "
+                f"variant with 'dvc repro --force {variant}'."
+            ) from error
+        if run.info.status != "FINISHED":
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' is {run.info.status}, not "
+                f"FINISHED: re-run it with 'dvc repro --force {variant}'.")
+        if not run.data.tags.get("model_uri"):
+            raise TrackingError(
+                f"The MLflow run {run_id} of variant '{variant}' has no logged model (tag "
+                f"model_uri): re-run it with 'dvc repro --force {variant}'.")
+        runs[variant] = run
+    return runs
+
+
+def adopt_runs(parent_run_id: str, runs: dict[str, Any]) -> list[str]:
+    """Nest the variant runs that no finished pipeline run owns yet under ``parent_run_id``
+    (tags ``mlflow.parentRunId`` and ``pipeline_run_id``); returns the adopted variants.
+
+    A variant run that DVC reused from an earlier execution stays under the pipeline run that
+    trained it (a run has one parent); the new parent lists it in its tags and report."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    adopted = []
+    for variant, run in runs.items():
+        owner = run.data.tags.get(PIPELINE_TAG)
+        if owner and owner != parent_run_id:
+            try:
+                if retry_on_lock(client.get_run)(owner).info.status == "FINISHED":
+                    continue
+            except MlflowException:
+                pass  # the owner was deleted: adopt
+        retry_on_lock(client.set_tag)(run.info.run_id, PARENT_TAG, parent_run_id)
+        retry_on_lock(client.set_tag)(run.info.run_id, PIPELINE_TAG, parent_run_id)
+        adopted.append(variant)
+    return adopted

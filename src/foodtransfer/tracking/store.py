@@ -1,0 +1,188 @@
+"""The MLflow tracking store: where it is, opening it (fail fast, one creator at a time), retries.
+
+The default store is ``sqlite:///<project>/mlruns/mlflow.db`` with artifacts under
+``<project>/mlruns/artifacts``, where ``<project>`` is ``DVC_ROOT`` when DVC runs the stage (so
+``dvc exp run`` in a temporary workspace still logs to the project's store) and the working
+directory otherwise. ``MLFLOW_TRACKING_URI`` overrides it (a team's tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from foodtransfer.errors import TrackingError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def default_store_dir() -> Path:
+    return project_root() / "mlruns"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def custom_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when it names another store than the project's own. (MLflow's
+    set_tracking_uri also sets that variable, so it may hold our default.)"""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri != default_tracking_uri() else None
+
+
+def tracking_uri() -> str:
+    return custom_tracking_uri() or default_tracking_uri()
+
+
+def _is_locked(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry_on_lock(function: Callable[..., T], attempts: int = 12) -> Callable[..., T]:
+    """Retry an MLflow call that failed on SQLite's writer lock (parallel `dvc queue` runs)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(attempts - 1):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:  # MLflow wraps sqlite3.OperationalError variously
+                if not _is_locked(error):
+                    raise
+                time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        return function(*args, **kwargs)  # the last attempt: its error reaches the caller
+
+    return wrapper
+
+
+def _check_default_store(store: Path) -> None:
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        probe = store / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+        database = store / "mlflow.db"
+        if database.exists():
+            with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+    except (OSError, sqlite3.Error) as error:
+        if isinstance(error, sqlite3.OperationalError) and _is_locked(error):
+            return  # another writer holds it right now: that is not a broken store
+        raise TrackingError(
+            f"The MLflow store {store} is not writable ({error}). Fix its permissions, free "
+            "disk space, or set MLFLOW_TRACKING_URI to a tracking server you can write to."
+        ) from error
+
+
+# For the check in connect() only: one try, with a short timeout, instead of MLflow's default
+# of 7 retries with exponential backoff, which takes minutes to report an unreachable server.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _fail_fast_http(uri: str) -> Iterator[None]:
+    """While connect() checks a tracking server, let MLflow try each request once (unless the
+    user set these variables); later logging keeps MLflow's retries for passing outages."""
+    added = [name for name in FAIL_FAST_HTTP if name not in os.environ]
+    if uri.startswith(("http://", "https://")):
+        for name in added:
+            os.environ[name] = FAIL_FAST_HTTP[name]
+    try:
+        yield
+    finally:
+        if uri.startswith(("http://", "https://")):
+            for name in added:
+                os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, timeout: float = 300.0) -> Iterator[None]:
+    """Hold an exclusive lock on the project's store while connect() opens it.
+
+    Opening a fresh SQLite store creates its schema (alembic migrations): two stages doing it
+    at once (``dvc queue start -j 2`` on a new store) collide ("table _alembic_tmp_tags already
+    exists", "Online migration expected to match one row"). Under this lock the first creates
+    the schema and the experiment and the others find them. The OS drops the lock when its
+    holder dies, even by SIGKILL."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (parallel runs there need an existing store)
+        yield
+        return
+    with open(store / ".connect.lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"Another process has held the MLflow store lock {handle.name} for "
+                        f"{timeout:.0f} s: is a stage hanging? Stop it and run again."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def connect(experiment: str) -> str:
+    """Point MLflow at the store and the experiment, failing fast (before any training) when
+    the store cannot be reached or written. Returns the experiment id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri()
+    custom = custom_tracking_uri() is not None
+    if not custom:
+        _check_default_store(default_store_dir())
+    mlflow.set_tracking_uri(uri)
+    lock = contextlib.nullcontext() if custom else _store_lock(default_store_dir())
+    try:
+        with _fail_fast_http(uri), lock:
+            client = mlflow.MlflowClient()
+            found = retry_on_lock(client.get_experiment_by_name)(experiment)
+            if found is not None:
+                experiment_id = found.experiment_id
+            else:
+                location = None
+                if not custom:
+                    location = (default_store_dir() / "artifacts").as_uri()
+                try:
+                    experiment_id = retry_on_lock(client.create_experiment)(
+                        experiment, artifact_location=location)
+                except Exception:  # created meanwhile by a parallel run
+                    found = retry_on_lock(client.get_experiment_by_name)(experiment)
+                    if found is None:
+                        raise
+                    experiment_id = found.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+            return experiment_id
+    except TrackingError:
+        raise
+    except Exception as error:
+        raise TrackingError(
+            f"Cannot use the MLflow tracking store {uri} ({type(error).__name__}: {error}). "
+            "Check MLFLOW_TRACKING_URI (unset it to use the project's mlruns/ store), the "
+            "server, and the permissions of mlruns/."
+        ) from error
+
+

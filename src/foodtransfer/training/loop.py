@@ -1,0 +1,129 @@
+"""The training loop every variant shares: optimizer and schedule, the one place a classifier
+is compiled, early stopping, per-epoch history and timing."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from foodtransfer.training import hyperrule
+
+
+@dataclass
+class History:
+    """Per-epoch curves of one training run (epochs are 1-based, continuing ``first_epoch``)."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.rows)
+
+    def best_epoch(self) -> int:
+        """Epoch (numbering as in rows) with the lowest validation loss."""
+        if not self.rows:
+            return 0
+        return int(min(self.rows, key=lambda row: row.get("val_loss", math.inf))["epoch"])
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else 0.0
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Records each epoch's logs and wall time, and forwards them to ``on_epoch`` (MLflow)."""
+
+    def __init__(self, history: History, first_epoch: int = 1, on_epoch=None) -> None:
+        super().__init__()
+        self.history = history
+        self.first_epoch = first_epoch
+        self.on_epoch = on_epoch
+        self._started = 0.0
+        self._learning_rate = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+        # The rate this epoch trains with (ReduceLROnPlateau changes it at epoch end).
+        self._learning_rate = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._started
+        row: dict[str, float] = {"epoch": self.first_epoch + epoch}
+        for key, value in (logs or {}).items():
+            row[key] = float(value)
+        row["learning_rate"] = self._learning_rate
+        self.history.rows.append(row)
+        self.history.epoch_seconds.append(seconds)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
+
+OPTIMIZERS = {"nadam": keras.optimizers.Nadam, "adam": keras.optimizers.Adam,
+              "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+
+
+def make_optimizer(name: str, learning_rate: float, *, schedule: str = "none", epochs: int = 1,
+                   steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
+    """Optimizer ``name`` at ``learning_rate``; with ``schedule="cosine"`` the rate decays to
+    zero over the run (``plateau`` is a callback, see :func:`fit`)."""
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=hyperrule.cosine_decay_steps(epochs, steps_per_epoch))
+    return OPTIMIZERS[name](learning_rate=rate)
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       num_classes: int) -> None:
+    """Sparse cross-entropy on the softmax output, accuracy and top-5 accuracy."""
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+    )
+
+
+def array_dataset(x, y, batch_size: int, *, shuffle: bool = False, seed: int = 0):
+    """In-memory arrays as a tf.data pipeline (seeded reshuffle each epoch)."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def fit(model: keras.Model, train: Any, validation: Any, *, epochs: int, learning_rate: float,
+        optimizer: str, lr_schedule: str, patience: int, num_classes: int, batch_size: int,
+        train_examples: int, first_epoch: int = 1, on_epoch=None, seed: int = 0) -> History:
+    """Compile ``model`` (the only place a classifier is compiled) and train it with early
+    stopping on validation loss, best weights restored. ``train``/``validation`` are tf.data
+    datasets of ``batch_size`` batches, or in-memory ``(x, y)`` tuples."""
+    steps = hyperrule.steps_per_epoch(train_examples, batch_size)
+    compile_classifier(model, make_optimizer(optimizer, learning_rate, schedule=lr_schedule,
+                                             epochs=epochs, steps_per_epoch=steps), num_classes)
+    history = History()
+    callbacks: list[keras.callbacks.Callback] = [
+        EpochRecorder(history, first_epoch, on_epoch),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                      restore_best_weights=True),
+    ]
+    if lr_schedule == "plateau":
+        callbacks.insert(0, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=hyperrule.PLATEAU_FACTOR,
+            patience=hyperrule.plateau_patience(patience), min_lr=hyperrule.PLATEAU_MIN_LR))
+    if isinstance(train, tuple):
+        train = array_dataset(*train, batch_size, shuffle=True, seed=seed)
+        validation = array_dataset(*validation, batch_size)
+    model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks,
+              shuffle=False, verbose=0)
+    return history
