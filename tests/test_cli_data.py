@@ -21,9 +21,9 @@ from conftest import REPO_ROOT
 CLASSES = ["pizza", "sushi", "tacos"]
 # pizza (class 0) gets an empty and a truncated train file: 8 listed, 6 usable.
 SAMPLE_PARAMS = {
-    "seed": 3,
     "image_size": 16,
     "data": {
+        "seed": 3,
         "source": "sample",
         "classes": CLASSES,
         "samples_per_class": 6,

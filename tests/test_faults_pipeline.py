@@ -7,7 +7,8 @@ each phase building on the last):
    ``dvc repro --no-run-cache dropout`` must complete and give the reference's results.
 3. The MLflow store unreachable or read-only: a training stage stops before training.
 4. ``queued``: two experiments through ``dvc queue start -j 2`` on a fresh SQLite store.
-5. ``reseeded``: ``dvc exp run -S seed=43``: another split, another data version.
+5. ``reseeded``: ``dvc exp run -S data.seed=43``: another split, another data version; and
+   ``-S seed=44``: training's seed re-runs training only.
 
 "In the middle" is made certain, not hoped for: the test polls for a sign that the work has
 started (the stage's temporary output folder, an epoch in its MLflow run), stops the process
@@ -561,8 +562,15 @@ def test_queued_experiments_land_as_distinct_mlflow_runs(queued) -> None:
 @pytest.fixture(scope="module")
 def reseeded(queued):
     repo, env = queued["repo"], queued["env"]
-    result = run(["dvc", "exp", "run", "-S", "seed=43", "-n", "seed43", "dropout"], repo, env)
-    return {**queued, "result": result}
+    result = run(["dvc", "exp", "run", "-S", "data.seed=43", "-n", "seed43", "dropout"], repo,
+                 env)
+    training_seed = run(["dvc", "exp", "run", "-S", "seed=44", "-n", "seed44", "dropout"], repo,
+                        env)
+    return {**queued, "result": result, "training_seed": training_seed}
+
+
+def test_the_training_seed_reruns_only_training(reseeded) -> None:
+    assert stages_run(reseeded["training_seed"].stdout) == {"dropout"}
 
 
 def test_another_seed_gives_another_split_and_data_version(reseeded) -> None:
@@ -577,6 +585,6 @@ def test_another_seed_gives_another_split_and_data_version(reseeded) -> None:
 
     (run_,) = [r for r in mlflow_runs(repo)[1]
                if r.data.tags.get("dvc_exp_name") == "seed43"]
-    assert run_.data.params["seed"] == "43"
+    assert run_.data.params["data.seed"] == "43" and run_.data.params["seed"] == "42"
     assert run_.data.tags["data_version"] == data_version(repo / "data/split")
     assert run_.data.tags["data_version"] != reseeded["data_version"]

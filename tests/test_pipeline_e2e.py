@@ -161,6 +161,11 @@ def test_metrics_and_plots_files(pipeline):
                     "total_params", "trainable_params"):
             assert key in metrics, f"{variant}: {key} missing"
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        for name in ("test_accuracy", "test_top5_accuracy", "test_macro_f1"):
+            assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+        val = pd.read_csv(repo / f"artifacts/{variant}/val_predictions.csv")
+        assert np.mean(val["actual"] == val["predicted"]) == pytest.approx(
+            metrics["best_val_accuracy"])
         assert set(metrics["per_class"]) == set(TINY["data"]["classes"])
         history = pd.read_csv(repo / f"plots/{variant}/history.csv")
         assert len(history) == metrics["epochs_run"] >= 1
@@ -280,6 +285,12 @@ def test_report_files_compare_the_four_variants(pipeline):
     assert f"data version `{data_version(repo / 'data/split')}`" in text
     assert "| `dropout` | 0.3 | 0.6 |" in text and "| `backbone` | MobileNetV2 |" in text
     assert "DVC experiment `drop03`" in text
+    # Intervals on every metric, and the paired tests between the variants.
+    assert re.search(rf"{metrics['test_accuracy']:.3f} \[\d\.\d{{3}}, \d\.\d{{3}}\]", text)
+    assert "## Which differences hold" in text
+    assert re.search(r"- finetune vs dropout: [+\u2212]\d+\.\d points \[.*\], McNemar p "
+                     r"(= \d\.\d+|< 0\.001): (not )?significant at the 0\.05 level\.", text)
+    assert re.search(r"The champion is (not )?significantly better than the runner-up", text)
     for name in REPORT_FILES[1:]:
         with Image.open(repo / "reports" / name) as image:
             image.verify()
@@ -312,6 +323,9 @@ def test_report_parent_runs_group_each_execution(pipeline):
     assert second.data.tags["dvc_exp_name"] == "drop03"
     current = variant_run_ids(repo)
     assert {v: second.data.tags[f"variant_run_id.{v}"] for v in VARIANTS} == current
+    assert {"finetune_vs_dropout_test_difference", "finetune_vs_dropout_test_mcnemar_p",
+            "finetune_vs_dropout_val_ci_low", "dropout_test_accuracy_ci_high"} \
+        <= set(second.data.metrics)
     for parent in parents:
         assert re.fullmatch(r"[0-9a-f]{12}", parent.data.tags["data_version"])
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(REPORT_FILES)
@@ -391,3 +405,70 @@ def test_predict_cli_with_the_champion(pipeline, tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert "foodtransfer predict: error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# ------------------------------------------------------------- seeds, sweeps and compare
+# Last in this module: the queued experiments move the champion alias to their report.
+@pytest.fixture(scope="module")
+def seeded(pipeline):
+    """Another training seed for both dropout values, in DVC's queue (grid syntax): with the
+    two executions above, two seeds per configuration; then `foodtransfer compare`."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    run(["dvc", "exp", "run", "--queue", "-S", "seed=7", "-S", "dropout=0.3,0.6"], repo, env)
+    queue = run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env)
+    compared = run([str(Path(sys.executable).parent / "foodtransfer"), "compare"], repo, env)
+    return {**pipeline, "queue": queue, "compare": compared}
+
+
+def test_queued_seeds_rerun_only_the_training_stages(seeded):
+    ran = stages_run(seeded["queue"].stdout)
+    assert ran == {"baseline", "transfer", "dropout", "finetune", "report"}, ran
+
+
+def test_compare_aggregates_seeds_and_draws_the_sweep(seeded):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    repo = seeded["repo"]
+    assert "compared 4 pipeline runs in 2 configurations (swept: dropout)" in \
+        seeded["compare"].stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    parents = client.search_runs([experiment.experiment_id], "tags.run_kind = 'pipeline'")
+    by_config: dict[str, list] = {}
+    for parent in parents:
+        by_config.setdefault(parent.data.params["dropout"], []).append(parent)
+    assert {d: sorted(p.data.params["seed"] for p in runs) for d, runs in by_config.items()} \
+        == {"0.3": ["42", "7"], "0.6": ["42", "7"]}
+
+    frame = pd.read_csv(repo / "reports" / "experiments.csv")
+    assert set(frame["variant"]) == set(VARIANTS) and set(frame["dropout"]) == {0.3, 0.6}
+    for _, row in frame.iterrows():
+        runs = by_config[f"{row['dropout']:g}"]
+        values = [r.data.metrics[f"{row['variant']}_test_accuracy"] for r in runs]
+        assert row["seeds"] == 2
+        assert row["test_accuracy_mean"] == pytest.approx(np.mean(values))
+        assert row["test_accuracy_sd"] == pytest.approx(np.std(values, ddof=1))
+        assert row["test_accuracy_pooled_ci_low"] <= row["test_accuracy_mean"] \
+            <= row["test_accuracy_pooled_ci_high"]
+    text = (repo / "reports" / "experiments.md").read_text()
+    assert "The configurations differ in `dropout`" in text and "dropout=0.3" in text
+    with Image.open(repo / "reports" / "experiments.png") as image:
+        assert image.format == "PNG"
+    (comparison,) = client.search_runs([experiment.experiment_id],
+                                       "tags.run_kind = 'comparison'")
+    assert comparison.info.status == "FINISHED"
+    assert set(comparison.data.tags["compared_runs"].split(",")) == \
+        {p.info.run_id for p in parents}
+    assert {a.path for a in client.list_artifacts(comparison.info.run_id)} == \
+        {"experiments.md", "experiments.csv", "experiments.png"}
+    assert any(key.endswith("/finetune/test_accuracy_mean") for key in comparison.data.metrics)
+
+
+def test_compare_refuses_an_unknown_experiment(seeded):
+    script = str(Path(sys.executable).parent / "foodtransfer")
+    result = subprocess.run([script, "compare", "no-such-exp"], cwd=seeded["repo"],
+                            env=seeded["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown experiment 'no-such-exp'" in result.stderr
+    assert "drop03" in result.stderr  # the names there are

@@ -21,9 +21,9 @@ from conftest import stage_args
 from foodtransfer.config import Params, parse_params
 from foodtransfer.data.images import ImageStoreWriter
 from foodtransfer.errors import ConfigError, DataError, TrackingError
-from foodtransfer.stages.report import (REPORT_FILES, VARIANTS, ReportContext, VariantSource,
-                                        changed_params, choose_best, comparison_markdown,
-                                        load_results, most_confident_mistakes, run,
+from foodtransfer.markdown import ReportContext, comparison_markdown
+from foodtransfer.stages.report import (REPORT_FILES, VARIANTS, VariantSource, changed_params,
+                                        choose_best, load_results, most_confident_mistakes, run,
                                         write_figures)
 
 CLASSES = ["pizza", "sushi", "tacos"]
@@ -158,6 +158,58 @@ def test_comparison_markdown(outputs: ReportPaths) -> None:
     assert "reused from pipeline run `P0`" in text  # baseline came from an earlier run
     assert "| `dropout` | 0.3 | 0.6 |" in text
     assert "untrained baseline scores 0.330" in text
+
+
+def write_predictions(path: Path, wrong: set[int], images: int = 40) -> None:
+    rows = [{"image_id": f"img/{index}", "actual": CLASSES[index % 3],
+             "predicted": CLASSES[(index + 1) % 3] if index in wrong else CLASSES[index % 3],
+             "probability": 0.8} for index in range(images)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_paired_tests_and_the_champion_against_the_runner_up(outputs: ReportPaths) -> None:
+    from foodtransfer.stages.report import compare_pair, paired_tests, runner_up
+
+    # 40 test images: dropout wrong on 0-1, transfer on 0-9 (so only dropout right on 2-9:
+    # 8 discordant images, all for dropout: p = 2 / 2**8), finetune on 0-2, baseline on 0-19.
+    wrong = {"baseline": set(range(20)), "transfer": set(range(10)), "dropout": {0, 1},
+             "finetune": {0, 1, 2}}
+    for variant, mistakes in wrong.items():
+        write_predictions(outputs.root / "plots" / variant / "predictions.csv", mistakes)
+        write_predictions(outputs.root / "artifacts" / variant / "val_predictions.csv",
+                          mistakes, images=30)
+    results = load_results(outputs.sources)
+    pairs = paired_tests(results)
+    assert [(p.a, p.b) for p in pairs] == [
+        ("transfer", "baseline"), ("dropout", "transfer"), ("finetune", "dropout"),
+        ("dropout", "baseline"), ("finetune", "transfer"), ("finetune", "baseline")]
+    dropout_vs_transfer = pairs[1].test
+    assert (dropout_vs_transfer.only_a_right, dropout_vs_transfer.only_b_right) == (8, 0)
+    assert dropout_vs_transfer.difference == pytest.approx(8 / 40)
+    assert dropout_vs_transfer.p_value == pytest.approx(2 / 2**8)
+    assert pairs[1].validation.difference == pytest.approx(8 / 30)
+    finetune_vs_dropout = pairs[2].test
+    assert (finetune_vs_dropout.only_a_right, finetune_vs_dropout.only_b_right) == (0, 1)
+    assert finetune_vs_dropout.p_value == pytest.approx(1.0)
+
+    assert choose_best(results) == "dropout" and runner_up(results, "dropout") == "finetune"
+    context = ReportContext(experiment="exp", data_version="abc123def456")
+    text = comparison_markdown(results, "dropout", {}, context, pairs,
+                               compare_pair(results, "dropout", "finetune"))
+    assert ("dropout vs transfer: +20.0 points [+7.5, +32.5], McNemar p = 0.008: "
+            "significant at the 0.05 level") in text
+    assert ("finetune vs dropout: \u22122.5 points [\u22127.5, +0.0], McNemar p = 1.00: "
+            "not significant at the 0.05 level") in text
+    assert "dropout vs baseline: +45.0 points [+30.0, +60.0], McNemar p < 0.001: signif" in text
+    assert ("The champion is not significantly better than the runner-up finetune: on "
+            "validation +3.3 points [+0.0, +10.0], McNemar p = 1.00; on test +2.5 points "
+            "[+0.0, +7.5], McNemar p = 1.00.") in text
+    assert "| dropout vs transfer | +20.0 | [+7.5, +32.5] | 8 / 0 | 0.008 | yes | +26.7 |" in text
+    # With a clear winner: significantly better on both.
+    text = comparison_markdown(results, "dropout", {}, context, pairs,
+                               compare_pair(results, "dropout", "baseline"))
+    assert ("The champion is significantly better than the runner-up baseline on validation "
+            "and test") in text
 
 
 def test_figures_are_valid_images(outputs: ReportPaths, tmp_path: Path) -> None:

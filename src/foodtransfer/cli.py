@@ -2,6 +2,7 @@
 
 - ``foodtransfer predict IMAGE_OR_DIR... [--model-uri URI] [--top-k 5] [--json]``: the top-k
   classes of each image, by default with the registry's champion.
+- ``foodtransfer compare [EXPERIMENT...]``: pipeline runs aggregated over seeds and sweeps.
 - ``foodtransfer ui [--port 5000]``: the MLflow UI on this project's store, on localhost.
 
 Errors a user can fix print one line (``foodtransfer <command>: error: ...``) and exit with
@@ -43,12 +44,9 @@ def _user_errors(command: str) -> Iterator[None]:
 
 def _default_model_uri(params_path: Path) -> str:
     """The champion of the registered model named in params.yaml (or the default name)."""
-    from foodtransfer.config import MlflowConfig, load_params
     from foodtransfer.tracking.registry import champion_uri
 
-    if params_path.is_file():
-        return champion_uri(load_params(params_path).mlflow.registered_model)
-    return champion_uri(MlflowConfig().registered_model)
+    return champion_uri(_params_or_defaults(params_path).mlflow.registered_model)
 
 
 @app.command()
@@ -78,6 +76,36 @@ def predict(
     else:
         typer.echo(f"model: {uri}")
         typer.echo(format_text(predictions))
+
+
+def _params_or_defaults(params_path: Path):
+    from foodtransfer.config import Params, load_params
+
+    return load_params(params_path) if params_path.is_file() else Params()
+
+
+@app.command()
+def compare(
+    experiments: list[str] = typer.Argument(
+        None, metavar="[EXPERIMENT]...",
+        help="DVC experiment names or MLflow pipeline run ids (default: every pipeline run)."),
+    experiment: str | None = typer.Option(
+        None, "--experiment", help="MLflow experiment (default: mlflow.experiment in params)."),
+    data_version: str | None = typer.Option(
+        None, "--data-version", help="Only the runs on this data version (a prefix is enough)."),
+    out: Path = typer.Option(Path("reports"), "--out",
+                             help="Where experiments.md, .csv and .png go."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the default MLflow experiment is read."),
+) -> None:
+    """Aggregate pipeline runs (seeds, sweeps): mean ± sd over seeds, pooled intervals, the
+    metric against a swept param; logged as an MLflow run 'comparison'."""
+    with _user_errors("compare"):
+        from foodtransfer.compare import compare as compare_runs
+
+        name = experiment or _params_or_defaults(params).mlflow.experiment
+        summary = compare_runs(list(experiments or []), name, out, data_version)
+    typer.echo(f"compare: {summary}")
 
 
 def _port_free(host: str, port: int) -> bool:

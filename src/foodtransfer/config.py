@@ -67,6 +67,9 @@ class SampleConfig(Section):
 
 
 class DataConfig(Section):
+    # Everything upstream of training: the generated sample, which images trim keeps, the
+    # split, and the random backbone of weights=none (the top-level seed is training's).
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     source: Literal["food101", "sample"] = "food101"
     url: NonEmpty = FOOD101_URL
     md5: NonEmpty | None = FOOD101_MD5
@@ -104,6 +107,8 @@ class MlflowConfig(Section):
 
 
 class Params(Section):
+    # Training's randomness: initial weights of what is trained, shuffling, dropout,
+    # augmentation. Sweeping it re-runs only the training stages (data.seed: the data).
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     image_size: Annotated[int, Field(ge=16, le=1024)] = 256
     backbone: NonEmpty = "EfficientNetV2B0"

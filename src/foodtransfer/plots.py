@@ -128,3 +128,32 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], title: str
         axes[0, 0].text(0.5, 0.5, empty_text, ha="center", va="center")
     figure.suptitle(title)
     save(figure, path)
+
+
+def sweep_figure(frame: pd.DataFrame, swept: Sequence[str], path: Path,
+                 metric: str = "test_accuracy") -> None:
+    """The mean ``metric`` over seeds against the swept params' values, ± one standard
+    deviation as error bars, one line per variant. Numeric values of a single swept param
+    are spaced as numbers; anything else is one tick per configuration."""
+    labels = frame[list(swept)].astype(str).agg(", ".join, axis=1)
+    numeric = len(swept) == 1 and pd.to_numeric(frame[swept[0]], errors="coerce").notna().all()
+    if numeric:
+        positions = pd.to_numeric(frame[swept[0]])
+        ticks = sorted(set(positions))
+        tick_labels = [f"{value:g}" for value in ticks]
+    else:
+        order = list(dict.fromkeys(labels))
+        positions = labels.map({label: index for index, label in enumerate(order)})
+        ticks, tick_labels = list(range(len(order))), order
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for variant, rows in frame.assign(_x=positions).groupby("variant", sort=False):
+        rows = rows.sort_values("_x")
+        axis.errorbar(rows["_x"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_sd"].fillna(0),
+                      marker="o", capsize=4, color=COLORS.get(variant), label=variant)
+    axis.set_xticks(ticks, tick_labels, rotation=0 if numeric else 30)
+    axis.set_xlabel(", ".join(swept))
+    axis.set_ylabel(f"{metric.replace('_', ' ')} (mean ± sd over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(f"{metric.replace('_', ' ')} against {', '.join(swept)}")
+    save(figure, path)

@@ -72,10 +72,13 @@ def predictions_csv(split: Split, predicted: np.ndarray, probabilities: np.ndarr
 
 def write_results(variant: str, paths: VariantPaths, class_names: list[str], run, *,
                   history: History, test: Evaluation, validation: Evaluation,
-                  test_probabilities: np.ndarray, test_split: Split, extra: dict[str, Any],
+                  probabilities: dict[str, np.ndarray], splits: dict[str, Split],
+                  extra: dict[str, Any],
                   curve_rows: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Write the metrics file, the plots and the artifacts of ``variant`` and log them to
-    ``run`` (a :class:`foodtransfer.tracking.runs.TrackedRun`); returns the metrics."""
+    ``run`` (a :class:`foodtransfer.tracking.runs.TrackedRun`); returns the metrics.
+    ``probabilities`` and ``splits`` hold the "test" and "val" predictions and images: the
+    test predictions are a DVC plot, the validation ones an artifact (for paired tests)."""
     best_epoch = history.best_epoch()
     metrics: dict[str, Any] = {
         **test.metrics, **validation.metrics,
@@ -87,7 +90,7 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
                + "\n")
     write_text(paths.plots / "history.csv", history_csv(history.rows))
     write_text(paths.plots / "predictions.csv", predictions_csv(
-        test_split, test.predicted, test_probabilities, class_names))
+        splits["test"], test.predicted, probabilities["test"], class_names))
     with atomic_dir(paths.artifacts) as tmp:
         plots.learning_curves(curve_rows or history.rows, best_epoch,
                               f"{variant}: learning curves", tmp / "learning_curves.png")
@@ -95,6 +98,8 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
                                                  f"{test.metrics['test_accuracy']:.3f})")],
                                class_names, tmp / "confusion.png")
         (tmp / "classification_report.txt").write_text(test.report_text)
+        (tmp / "val_predictions.csv").write_text(predictions_csv(
+            splits["val"], validation.predicted, probabilities["val"], class_names))
         (tmp / "classes.json").write_text(json.dumps(class_names, indent=1) + "\n")
         # Which MLflow run produced these outputs: the report stage groups and links runs.
         (tmp / "mlflow_run.json").write_text(json.dumps(
@@ -102,7 +107,7 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
     run.log_metrics({k: v for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for name in ("learning_curves.png", "confusion.png", "classification_report.txt",
-                 "classes.json"):
+                 "classes.json", "val_predictions.csv"):
         run.log_artifact(paths.artifacts / name)
     for name in ("history.csv", "predictions.csv"):
         run.log_artifact(paths.plots / name, "dvc_plots")
@@ -154,12 +159,13 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
     forward = compile_forward(model)
     test_probs = predict_split(forward, trimmed, splits["test"])
     val_probs = predict_split(forward, trimmed, splits["val"])
-    test = evaluate(test_probs, splits["test"].labels, class_names)
+    test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
     validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
     total, trainable = parameter_counts(model)
     metrics = write_results(variant, paths, class_names, run, history=history, test=test,
-                            validation=validation, test_probabilities=test_probs,
-                            test_split=splits["test"], curve_rows=curve_rows,
+                            validation=validation,
+                            probabilities={"test": test_probs, "val": val_probs},
+                            splits=splits, curve_rows=curve_rows,
                             extra={**extra, "total_params": total,
                                    "trainable_params": trainable})
     save_model(model, class_names, paths, run, example_images(trimmed, splits["test"]))

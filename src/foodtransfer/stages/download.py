@@ -22,8 +22,8 @@ def run(params: Params, out: Path, cache: Path) -> str:
         # "all" on the sample means all 101 Food-101 classes, as on the real archive: the
         # full dataset's shape runs offline (with few images per class, see data.sample).
         sample_classes = classes or list(food101.CLASSES)
-        path = cache / f"food-101-sample-seed{params.seed}.tar.gz"
-        build_sample_archive(path, sample_classes, data.sample, params.seed)
+        path = cache / f"food-101-sample-seed{data.seed}.tar.gz"
+        build_sample_archive(path, sample_classes, data.sample, data.seed)
         origin = f"generated sample {path}"
     else:
         path = archive.fetch_archive(data.url, data.md5, cache)

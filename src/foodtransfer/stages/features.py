@@ -58,7 +58,9 @@ def run(params: Params, trimmed: Path, split: Path, out: Path, metrics: Path) ->
 
     from foodtransfer.models.classifiers import build_feature_extractor
 
-    keras.utils.set_random_seed(params.seed)  # the backbone's initial weights when weights=none
+    # The backbone's initial weights when weights=none: part of the data, like the split, so
+    # that sweeping the training seed re-extracts nothing.
+    keras.utils.set_random_seed(params.data.seed)
     splits = load_splits(split)
     extractor = build_feature_extractor(params.backbone, params.weights, params.image_size)
     result = extract_features(extractor, trimmed, splits, out, metadata={

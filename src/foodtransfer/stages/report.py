@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,19 @@ import numpy as np
 import pandas as pd
 
 from foodtransfer import plots
-from foodtransfer.atomic import atomic_dir
+from foodtransfer.atomic import scratch_dir
 from foodtransfer.config import Params, flatten
 from foodtransfer.data.manifests import data_version
 from foodtransfer.errors import DataError
+from foodtransfer.markdown import Pair, ReportContext, comparison_markdown, number
 from foodtransfer.tracking.registry import CHAMPION_ALIAS
+from foodtransfer.uncertainty import PairedDifference, paired_difference
 
 VARIANTS = ("baseline", "transfer", "dropout", "finetune")
 TRANSFER_VARIANTS = ("transfer", "dropout")  # heads on the frozen backbone
 REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
+# Per-variant metrics the pipeline run repeats, with their intervals (prefixes of the keys).
+SUMMARY_METRICS = ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "best_val_accuracy")
 ERROR_GRID = 16  # most confident mistakes shown in errors.png
 
 
@@ -55,9 +60,10 @@ class VariantResult:
     name: str
     metrics: dict[str, Any]
     history: pd.DataFrame
-    predictions: pd.DataFrame  # image_id, actual, predicted, probability
+    predictions: pd.DataFrame  # test: image_id, actual, predicted, probability
     class_names: list[str]
     run_id: str
+    val_predictions: pd.DataFrame | None = None  # the same on validation
 
 
 def _require(path: Path, variant: str) -> Path:
@@ -90,8 +96,10 @@ def load_results(sources: list[VariantSource]) -> dict[str, VariantResult]:
                             f"'dvc repro --force {variant}'.")
         history = pd.read_csv(_require(source.plots / "history.csv", variant))
         predictions = pd.read_csv(_require(source.plots / "predictions.csv", variant))
+        val_path = source.artifacts / "val_predictions.csv"
+        val_predictions = pd.read_csv(val_path) if val_path.is_file() else None
         results[variant] = VariantResult(variant, metrics, history, predictions, class_names,
-                                         run_id)
+                                         run_id, val_predictions)
     first_name = sources[0].name
     first = results[first_name].class_names
     for result in results.values():
@@ -125,99 +133,59 @@ def changed_params(params: Params) -> dict[str, tuple[Any, Any]]:
             if value != defaults.get(key)}
 
 
-# ------------------------------------------------------------------------------ markdown
-def _number(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+# ------------------------------------------------------------------------- paired tests
+def correctness(predictions: pd.DataFrame) -> pd.Series:
+    """Whether each image (index: image id) was classified right."""
+    frame = predictions.drop_duplicates("image_id").set_index("image_id")
+    return frame["actual"].astype(str) == frame["predicted"].astype(str)
 
 
-def _count(value: Any) -> str:
-    return "-" if value is None else f"{int(value):,}"
+def _paired(a: pd.DataFrame | None, b: pd.DataFrame | None, what: str
+            ) -> PairedDifference | None:
+    if a is None or b is None:
+        return None
+    right_a, right_b = correctness(a), correctness(b)
+    if set(right_a.index) != set(right_b.index):
+        raise DataError(f"the variants' {what} predictions are not on the same images: run "
+                        "'dvc repro' to bring them in line.")
+    return paired_difference(right_a.to_numpy(), right_b.loc[right_a.index].to_numpy())
 
 
-def _cell(value: Any, limit: int | None = None) -> str:
-    text = str(value)
-    if limit is not None and len(text) > limit:
-        text = text[:limit - 1] + "…"
-    return text.replace("|", "\\|").replace("\n", " ")
+def compare_pair(results: dict[str, VariantResult], a: str, b: str) -> Pair:
+    """Variant ``a`` against ``b`` on the same test and validation images."""
+    return Pair(a, b, _paired(results[a].predictions, results[b].predictions, "test"),
+                _paired(results[a].val_predictions, results[b].val_predictions, "validation"))
 
 
-@dataclass(frozen=True)
-class ReportContext:
-    """Where the report's numbers come from, for its header."""
-
-    experiment: str
-    data_version: str
-    parent_run_id: str | None = None
-    git_commit: str | None = None
-    dvc_exp_name: str | None = None
-    registered_model: str | None = None
-    registered_version: str | None = None
-    run_owner: dict[str, str] | None = None  # variant -> pipeline run that trained it
+def paired_tests(results: dict[str, VariantResult]) -> list[Pair]:
+    """Every later variant against every earlier one, in pipeline order (transfer vs
+    baseline, dropout vs transfer, finetune vs dropout, ...)."""
+    names = list(results)
+    pairs = []
+    for gap in range(1, len(names)):  # neighbours first: what each step adds
+        for first in range(len(names) - gap):
+            pairs.append(compare_pair(results, names[first + gap], names[first]))
+    return pairs
 
 
-def comparison_markdown(results: dict[str, VariantResult], champion: str,
-                        changed: dict[str, tuple[Any, Any]], context: ReportContext) -> str:
-    lines = ["# Food-101 transfer learning: comparison of the variants", ""]
-    facts = [f"data version `{context.data_version}`",
-             f"MLflow experiment `{context.experiment}`"]
-    if context.parent_run_id:
-        facts.append(f"pipeline run `{context.parent_run_id}`")
-    if context.dvc_exp_name:
-        facts.append(f"DVC experiment `{context.dvc_exp_name}`")
-    if context.git_commit:
-        facts.append(f"git commit `{context.git_commit[:12]}`")
-    lines += [" · ".join(facts), ""]
-    best = results[champion].metrics
-    champion_line = (f"**Champion: {champion}** (validation accuracy "
-                     f"{best['best_val_accuracy']:.3f}; chosen on validation, never on test)")
-    if context.registered_model:
-        champion_line += (f", registered as `{context.registered_model}` version "
-                          f"{context.registered_version} with the alias `{CHAMPION_ALIAS}`: "
-                          f"`models:/{context.registered_model}@{CHAMPION_ALIAS}`")
-    lines += [champion_line + ".", ""]
-    header = ("variant", "test accuracy", "test top-5", "test macro F1", "validation accuracy",
-              "epochs", "best epoch", "s / epoch", "trainable / total params", "MLflow run")
-    lines += ["| " + " | ".join(header) + " |",
-              "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|"]
-    for name, result in results.items():
-        metrics = result.metrics
-        run = f"`{result.run_id}`"
-        owner = (context.run_owner or {}).get(name)
-        if owner and owner != context.parent_run_id:
-            run += f" (reused from pipeline run `{owner}`)"
-        label = f"**{name}**" if name == champion else name
-        lines.append("| " + " | ".join([
-            label, _number(metrics.get("test_accuracy")),
-            _number(metrics.get("test_top5_accuracy")), _number(metrics.get("test_macro_f1")),
-            _number(metrics.get("best_val_accuracy")), _number(metrics.get("epochs_run")),
-            _number(metrics.get("best_epoch")), _number(metrics.get("seconds_per_epoch"), 2),
-            f"{_count(metrics.get('trainable_params'))} / {_count(metrics.get('total_params'))}",
-            run]) + " |")
-    chance = results.get("baseline") and results["baseline"].metrics.get(
-        "untrained_test_accuracy")
-    classes = results[champion].class_names
-    lines += ["", f"{len(classes)} classes; chance level is about {1 / len(classes):.3f}"
-              + (f" (the untrained baseline scores {chance:.3f} on test)." if chance is not None
-                 else "."), ""]
-    lines += ["## Params that differ from the defaults", ""]
-    if changed:
-        lines += ["| param | value | default |", "| --- | --- | --- |"]
-        lines += [f"| `{key}` | {_cell(value)} | {_cell(default, 60)} |"
-                  for key, (value, default) in sorted(changed.items())]
-    else:
-        lines.append("None: every param has its default value.")
-    lines += ["", "## Figures", "",
-              "Learning curves (train dashed, validation solid; stars mark the best epochs):", "",
-              "![learning curves](curves.png)", "",
-              "Test confusion matrices:", "", "![confusion matrices](confusion.png)", "",
-              f"The champion's ({champion}) most confident test mistakes:", "",
-              "![most confident mistakes](errors.png)", ""]
-    return "\n".join(lines)
+def runner_up(results: dict[str, VariantResult], champion: str) -> str | None:
+    others = tuple(name for name in VARIANTS if name in results and name != champion)
+    others += tuple(name for name in results if name not in VARIANTS and name != champion)
+    return choose_best(results, others) if others else None
 
+
+def pair_metrics(pairs: list[Pair]) -> dict[str, float]:
+    """The paired tests as MLflow metrics of the pipeline run."""
+    metrics = {}
+    for pair in pairs:
+        for where, diff in (("test", pair.test), ("val", pair.validation)):
+            if diff is None:
+                continue
+            prefix = f"{pair.a}_vs_{pair.b}_{where}"
+            metrics.update({f"{prefix}_difference": diff.difference,
+                            f"{prefix}_ci_low": diff.ci_low, f"{prefix}_ci_high": diff.ci_high,
+                            f"{prefix}_mcnemar_p": diff.p_value})
+    return metrics
 
 
 # ------------------------------------------------------------------------------- figures
@@ -298,7 +266,7 @@ def write_figures(results: dict[str, VariantResult], champion: str, trimmed: Pat
     class_names = results[champion].class_names
     plots.confusion_figure(
         [(confusion_counts(results[name].predictions, class_names),
-          f"{name} (test accuracy {_number(results[name].metrics.get('test_accuracy'))})")
+          f"{name} (test accuracy {number(results[name].metrics.get('test_accuracy'))})")
          for name in confusion_variants or [champion]],
         class_names, out / "confusion.png", title="Test confusion matrices")
     plot_errors(results[champion], trimmed, split, out / "errors.png")
@@ -314,18 +282,28 @@ def _model_description(results: dict[str, VariantResult]) -> str:
             "accuracy of the latest pipeline run.")
 
 
+def publish(files: Path, out: Path) -> None:
+    """Move the finished report files into ``out``, each by an atomic rename; other files
+    there (``foodtransfer compare``'s) stay."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        os.replace(files / name, out / name)
+
+
 def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource],
         out: Path) -> str:
-    """Write ``out`` (reports/), log it to a parent MLflow run that groups this execution's
-    variant runs, and register the champion. Returns the stage's summary line."""
-    import os
-
+    """Write the report files into ``out`` (reports/), log them to a parent MLflow run that
+    groups this execution's variant runs, and register the champion. Returns the stage's
+    summary line."""
     from foodtransfer.tracking import runs as tracking_runs
     from foodtransfer.tracking.registry import register_model_version
     from foodtransfer.tracking.store import connect, project_root
 
     results = load_results(sources)
     champion = choose_best(results)
+    second = runner_up(results, champion)
+    pairs = paired_tests(results)
+    against_runner_up = compare_pair(results, champion, second) if second else None
     version = data_version(split)
     changed = changed_params(params)
     config = params.mlflow
@@ -333,10 +311,11 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     runs = tracking_runs.get_variant_runs(
         {name: result.run_id for name, result in results.items()})
     tags = {"data_version": version, "champion": champion,
+            **({"runner_up": second} if second else {}),
             **{f"variant_run_id.{name}": result.run_id for name, result in results.items()}}
     with tracking_runs.tracked_run(config.experiment, tracking_runs.PIPELINE_RUN_NAME,
                                    "pipeline", flatten(params), tags) as parent, \
-            atomic_dir(out) as tmp:
+            scratch_dir(out) as tmp:
         # Figures first: a failure there must not move the champion alias.
         write_figures(results, champion, trimmed, split, tmp)
         champion_run = runs[champion]
@@ -358,17 +337,20 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
             dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
             registered_model=config.registered_model, registered_version=registered_version,
             run_owner=owners)
-        markdown = comparison_markdown(results, champion, changed, context)
+        markdown = comparison_markdown(results, champion, changed, context, pairs,
+                                       against_runner_up)
         (tmp / "comparison.md").write_text(markdown)
         for name in REPORT_FILES:
             parent.log_artifact(tmp / name)
-        parent.log_metrics({f"{name}_{key}": value for name, result in results.items()
-                            for key, value in result.metrics.items()
-                            if key in ("test_accuracy", "test_top5_accuracy", "test_macro_f1",
-                                       "best_val_accuracy")})
+        parent.log_metrics({
+            **{f"{name}_{key}": value for name, result in results.items()
+               for key, value in result.metrics.items()
+               if key.startswith(SUMMARY_METRICS)},
+            **pair_metrics(pairs + ([against_runner_up] if against_runner_up else []))})
         # MLflow's UI shows this tag as the run's description (rendered markdown).
         parent.set_tags({tracking_runs.NOTE_TAG: markdown[:7900],
                          "registered_model_version": registered_version})
+        publish(tmp, out)
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "

@@ -48,6 +48,6 @@ def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction:
 
 def run(params: Params, trimmed: Path, out: Path, metrics: Path) -> str:
     counts = split(trimmed, out, metrics, val_fraction=params.data.val_fraction,
-                   seed=params.seed)
+                   seed=params.data.seed)
     sizes = ", ".join(f"{name} {sum(c.values())}" for name, c in counts.items())
     return f"{sizes} images; data version {data_version(out)}; manifests in {out}"

@@ -56,7 +56,7 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
                           seed=params.seed)
         test_probs = predict_array(head, cached["test"])
         val_probs = predict_array(head, cached["val"])
-        test = evaluate(test_probs, splits["test"].labels, class_names)
+        test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
         validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
         # Built under the precision policy, so fine-tuning it trains in that precision too.
         extractor = build_feature_extractor(params.backbone, params.weights, params.image_size)
@@ -69,8 +69,9 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
             log.warning("image model and cached-feature head disagree by %.2g", drift)
         total, trainable = parameter_counts(classifier)
         metrics = write_results(variant, outputs, class_names, run, history=history, test=test,
-                                validation=validation, test_probabilities=test_probs,
-                                test_split=splits["test"],
+                                validation=validation,
+                                probabilities={"test": test_probs, "val": val_probs},
+                                splits=splits,
                                 extra={"total_params": total, "trainable_params": trainable,
                                        "head_params": parameter_counts(head)[0],
                                        "feature_model_drift": drift, **setup.record()})

@@ -180,7 +180,7 @@ def run(params: Params, raw: Path, out: Path) -> str:
     data = params.data
     result = trim(raw, out, classes=data.classes, samples_per_class=data.samples_per_class,
                   test_per_class=data.test_per_class, allow_fewer=data.allow_fewer,
-                  image_size=params.image_size, seed=params.seed)
+                  image_size=params.image_size, seed=data.seed)
     train = sum(result.counts["train"].values())
     test = sum(result.counts["test"].values())
     return (f"decoded {train} train + {test} test images of {len(result.classes)} classes at "

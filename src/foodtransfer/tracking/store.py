@@ -186,3 +186,29 @@ def connect(experiment: str) -> str:
         ) from error
 
 
+
+
+def connect_existing(experiment: str) -> str:
+    """Point MLflow at the store and return the id of ``experiment``, creating nothing: for
+    commands that read what the pipeline logged."""
+    import mlflow
+
+    uri = tracking_uri()
+    if custom_tracking_uri() is None and not (default_store_dir() / "mlflow.db").is_file():
+        raise TrackingError(
+            f"There is no MLflow store at {default_store_dir() / 'mlflow.db'} yet: run the "
+            "pipeline first (dvc repro), run this from the project root, or set "
+            "MLFLOW_TRACKING_URI.")
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _fail_fast_http(uri):
+            found = retry_on_lock(mlflow.MlflowClient().get_experiment_by_name)(experiment)
+    except Exception as error:
+        raise TrackingError(
+            f"Cannot use the MLflow tracking store {uri} ({type(error).__name__}: {error}). "
+            "Check MLFLOW_TRACKING_URI and the server.") from error
+    if found is None:
+        raise TrackingError(f"There is no MLflow experiment {experiment!r} in {uri}: check "
+                            "mlflow.experiment in params.yaml (or --experiment), and that the "
+                            "pipeline has run.")
+    return found.experiment_id

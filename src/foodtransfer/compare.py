@@ -1,0 +1,381 @@
+"""``foodtransfer compare``: aggregate pipeline executions (seeds, sweeps) from MLflow.
+
+Every pipeline execution leaves a parent MLflow run ``pipeline`` (the report stage) with the
+full params, the data version, each variant's metrics and the ids of its variant runs. Compare
+reads those runs, groups them by their params except ``seed`` (one group per configuration;
+one run per seed in it, the latest), and gives per group and variant the mean ± standard
+deviation over seeds and a pooled 95 % interval (the seeds' test predictions, images
+resampled). When the groups differ in a param (a sweep: ``dvc exp run --queue -S
+dropout=0.2,0.4,0.6``), it draws the metric against that param, one line per variant.
+
+It writes ``experiments.md``, ``experiments.csv`` and ``experiments.png`` and logs them as an
+MLflow run ``comparison`` (tag ``run_kind=comparison``) that names the compared runs. Runs
+that failed or are still running are listed as such, never averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from foodtransfer import markdown
+from foodtransfer.errors import UserError
+from foodtransfer.uncertainty import mean_and_sd, pooled_interval
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("baseline", "transfer", "dropout", "finetune")
+GROUPING_IGNORES = ("seed", "mlflow.")  # params that do not make another configuration
+METRICS = ("test_accuracy", "test_macro_f1", "best_val_accuracy")
+OUTPUT_FILES = ("experiments.md", "experiments.csv", "experiments.png")
+COMPARISON_RUN_NAME = "comparison"
+
+
+class CompareError(UserError):
+    """Nothing to compare, an unknown name, or runs that must not be pooled."""
+
+
+@dataclass
+class Execution:
+    """One pipeline execution: its parent MLflow run."""
+
+    run_id: str
+    name: str  # the DVC experiment name, or the run id when DVC did not name it
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: int
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("seed", "?")
+
+    @property
+    def data_version(self) -> str:
+        return self.tags.get("data_version", "unknown")
+
+    @property
+    def variant_runs(self) -> dict[str, str]:
+        prefix = "variant_run_id."
+        return {key[len(prefix):]: value for key, value in self.tags.items()
+                if key.startswith(prefix)}
+
+
+@dataclass
+class Unfinished:
+    """A run that is not part of the comparison, and why."""
+
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Group:
+    """The executions of one configuration (params equal but for the seed)."""
+
+    key: tuple[tuple[str, str], ...]
+    executions: list[Execution] = field(default_factory=list)
+
+    def label(self, swept: list[str]) -> str:
+        values = dict(self.key)
+        return ", ".join(f"{name}={values.get(name, '-')}" for name in swept) or "all runs"
+
+
+# ------------------------------------------------------------------------------- reading
+def _all_runs(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _execution(run) -> Execution:
+    tags = run.data.tags
+    return Execution(run.info.run_id, tags.get("dvc_exp_name") or run.info.run_id,
+                     dict(run.data.params), dict(run.data.metrics), dict(tags),
+                     run.info.start_time or 0)
+
+
+def select(runs: list, names: list[str], experiment: str
+           ) -> tuple[list[Execution], list[Unfinished]]:
+    """The finished pipeline executions to compare (all, or those ``names`` name: DVC
+    experiment names or pipeline run ids) and the unfinished ones that were asked for (or,
+    by default, every experiment with a failed or running run)."""
+    pipelines = [run for run in runs if run.data.tags.get("run_kind") == "pipeline"]
+    finished = [run for run in pipelines if run.info.status == "FINISHED"]
+    trainings = [run for run in runs if run.data.tags.get("variant")
+                 and run.data.tags.get("run_kind") != "pipeline"]
+    unfinished: list[Unfinished] = []
+    if names:
+        chosen = []
+        for name in names:
+            by_id = [run for run in finished if run.info.run_id == name]
+            by_name = [run for run in finished if run.data.tags.get("dvc_exp_name") == name]
+            if by_id or by_name:
+                chosen.append((by_id or by_name)[-1])  # the latest report of that experiment
+                continue
+            stuck = [run for run in pipelines + trainings
+                     if name in (run.info.run_id, run.data.tags.get("dvc_exp_name"))]
+            if stuck:
+                unfinished.append(_unfinished(name, stuck))
+                continue
+            known = sorted({run.data.tags.get("dvc_exp_name") for run in finished} - {None})
+            raise CompareError(
+                f"unknown experiment {name!r}: no DVC experiment of that name and no pipeline "
+                f"run with that id in the MLflow experiment {experiment!r} (DVC experiments "
+                f"there: {', '.join(known) or 'none'}; 'dvc exp show' lists yours). An "
+                "experiment that is still queued has no runs yet.")
+    else:
+        chosen = finished
+        # DVC experiments without a finished report, and anything still running. (A failed
+        # run of the workspace's own `dvc repro` is not listed: a later repro retried it.)
+        done = {run.data.tags.get("dvc_exp_name") for run in finished}
+        stuck_by_name: dict[str, list] = defaultdict(list)
+        for run in pipelines + trainings:
+            name = run.data.tags.get("dvc_exp_name")
+            if run.info.status == "RUNNING" or (name and name not in done):
+                stuck_by_name[name or run.info.run_id].append(run)
+        unfinished = [_unfinished(name, stuck) for name, stuck in stuck_by_name.items()]
+    executions = _deduplicate([_execution(run) for run in chosen])
+    return executions, unfinished
+
+
+def _unfinished(name: str, runs: list) -> Unfinished:
+    statuses = sorted({run.info.status for run in runs if run.info.status != "FINISHED"}) or [
+        "INCOMPLETE"]
+    detail = ", ".join(f"{run.info.run_name} {run.info.status.lower()}" for run in runs)
+    if all(run.info.status == "FINISHED" for run in runs):
+        detail += " (no finished report stage yet)"
+    return Unfinished(name, "/".join(statuses), detail)
+
+
+def _deduplicate(executions: list[Execution]) -> list[Execution]:
+    """One execution per configuration and seed: the latest (a report re-run on the same
+    variant runs, or a forced re-run, is not another seed)."""
+    latest: dict[tuple, Execution] = {}
+    for execution in sorted(executions, key=lambda e: e.start_time):
+        latest[(_config_key(execution), execution.seed)] = execution
+    return sorted(latest.values(), key=lambda e: e.start_time)
+
+
+def _config_key(execution: Execution) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((key, value) for key, value in execution.params.items()
+                        if not key.startswith(GROUPING_IGNORES)))
+
+
+def group(executions: list[Execution]) -> tuple[list[Group], list[str]]:
+    """The configurations (in order of first run) and the params that differ between them."""
+    groups: dict[tuple, Group] = {}
+    for execution in executions:
+        key = _config_key(execution)
+        groups.setdefault(key, Group(key)).executions.append(execution)
+    keys = [dict(g.key) for g in groups.values()]
+    names = sorted({name for key in keys for name in key})
+    swept = [name for name in names if len({key.get(name) for key in keys}) > 1]
+    return list(groups.values()), swept
+
+
+def check_data_versions(executions: list[Execution], data_version: str | None
+                        ) -> list[Execution]:
+    if data_version is not None:
+        kept = [e for e in executions if e.data_version.startswith(data_version)]
+        if not kept:
+            raise CompareError(f"no compared run is on data version {data_version!r} (theirs: "
+                               f"{', '.join(sorted({e.data_version for e in executions}))}).")
+        return kept
+    versions = defaultdict(list)
+    for execution in executions:
+        versions[execution.data_version].append(execution)
+    if len(versions) > 1:
+        listed = ", ".join(f"{version} ({len(runs)} run{'s' * (len(runs) > 1)})"
+                           for version, runs in versions.items())
+        raise CompareError(
+            f"the runs are on {len(versions)} data versions ({listed}): their test sets differ, "
+            "so they are not pooled. Compare one with --data-version <version>, or name the "
+            "experiments to compare.")
+    return executions
+
+
+# ---------------------------------------------------------------------------- statistics
+def correctness(client, run_id: str, cache: Path) -> pd.Series:
+    """Per test image, whether the variant run got it right (from its logged predictions)."""
+    path = client.download_artifacts(run_id, "dvc_plots/predictions.csv", str(cache))
+    frame = pd.read_csv(path).drop_duplicates("image_id").set_index("image_id")
+    return frame["actual"].astype(str) == frame["predicted"].astype(str)
+
+
+@dataclass
+class Summary:
+    """One variant in one group: mean ± sd over seeds and the pooled interval."""
+
+    group: Group
+    variant: str
+    seeds: list[str]
+    values: dict[str, list[float]]
+    pooled: tuple[float, float] | None
+
+    def mean_sd(self, metric: str) -> tuple[float, float]:
+        values = self.values.get(metric) or [math.nan]
+        return mean_and_sd(values)
+
+
+def summarise(client, groups: list[Group], cache: Path) -> list[Summary]:
+    summaries = []
+    for entry in groups:
+        for variant in VARIANTS:
+            runs = [e for e in entry.executions if f"{variant}_test_accuracy" in e.metrics]
+            if not runs:
+                continue
+            values = {metric: [e.metrics[f"{variant}_{metric}"] for e in runs
+                               if f"{variant}_{metric}" in e.metrics] for metric in METRICS}
+            rows = [correctness(client, e.variant_runs[variant], cache / e.run_id / variant)
+                    for e in runs if variant in e.variant_runs]
+            pooled = None
+            if rows and all(set(row.index) == set(rows[0].index) for row in rows):
+                pooled = pooled_interval(np.stack([row.loc[rows[0].index].to_numpy()
+                                                   for row in rows]))
+            summaries.append(Summary(entry, variant, [e.seed for e in runs], values, pooled))
+    return summaries
+
+
+# -------------------------------------------------------------------------------- output
+def _mean_sd_text(summary: Summary, metric: str) -> str:
+    mean, sd = summary.mean_sd(metric)
+    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def experiments_markdown(experiment: str, executions: list[Execution], groups: list[Group],
+                         swept: list[str], summaries: list[Summary],
+                         unfinished: list[Unfinished], comparison_run_id: str | None) -> str:
+    versions = sorted({e.data_version for e in executions})
+    lines = ["# Food-101 transfer learning: experiments compared", "",
+             f"MLflow experiment `{experiment}` · data version `{', '.join(versions)}` · "
+             f"{len(executions)} pipeline runs in {len(groups)} configuration"
+             f"{'s' * (len(groups) != 1)}"
+             + (f" · comparison run `{comparison_run_id}`" if comparison_run_id else ""), ""]
+    if swept:
+        lines += [f"The configurations differ in {', '.join(f'`{s}`' for s in swept)}"
+                  " (see experiments.png); within one, the runs differ only in `seed`.", ""]
+    lines += ["Mean ± standard deviation over seeds; the pooled interval is a 95 % bootstrap "
+              "interval of the seed-averaged test accuracy, resampling test images (each with "
+              "every seed's answer).", ""]
+    rows = [[summary.group.label(swept), summary.variant, str(len(summary.seeds)),
+             _mean_sd_text(summary, "test_accuracy"),
+             (f"[{summary.pooled[0]:.3f}, {summary.pooled[1]:.3f}]" if summary.pooled
+              else "-"),
+             _mean_sd_text(summary, "test_macro_f1"),
+             _mean_sd_text(summary, "best_val_accuracy")] for summary in summaries]
+    lines += markdown.table(("configuration", "variant", "seeds", "test accuracy",
+                             "pooled 95 % CI", "test macro F1", "validation accuracy"), rows,
+                            [False, False, True, True, True, True, True])
+    lines += ["", "## Runs compared", ""]
+    lines += markdown.table(
+        ("pipeline run", "DVC experiment", "seed", "configuration"),
+        [[f"`{e.run_id}`", e.tags.get("dvc_exp_name", "-"), e.seed,
+          next(g.label(swept) for g in groups if e in g.executions)] for e in executions])
+    if unfinished:
+        lines += ["", "## Not included", "", "Failed or still running: never averaged.", ""]
+        lines += markdown.table(("experiment or run", "status", "runs"),
+                                [[u.name, u.status, u.detail] for u in unfinished])
+    if swept:
+        lines += ["", "![the metric against the swept params](experiments.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def experiments_frame(summaries: list[Summary], swept: list[str]) -> pd.DataFrame:
+    rows = []
+    for summary in summaries:
+        values = dict(summary.group.key)
+        row: dict[str, Any] = {name: values.get(name) for name in swept}
+        row.update(variant=summary.variant, seeds=len(summary.seeds))
+        for metric in METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = summary.mean_sd(metric)
+        row["test_accuracy_pooled_ci_low"] = summary.pooled[0] if summary.pooled else None
+        row["test_accuracy_pooled_ci_high"] = summary.pooled[1] if summary.pooled else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_metrics(frame: pd.DataFrame, swept: list[str]) -> dict[str, float]:
+    metrics = {}
+    for _, row in frame.iterrows():
+        label = "_".join(f"{name}_{row[name]}" for name in swept) or "all"
+        for column in ("test_accuracy_mean", "test_accuracy_sd", "test_accuracy_pooled_ci_low",
+                       "test_accuracy_pooled_ci_high", "best_val_accuracy_mean"):
+            value = row[column]
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                metrics[f"{label}/{row['variant']}/{column}"[:250]] = float(value)
+    return metrics
+
+
+# --------------------------------------------------------------------------------- entry
+def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
+            log_run: bool = True) -> str:
+    """Compare the pipeline executions ``names`` (all when empty) of ``experiment``; write
+    ``out/experiments.{md,csv,png}`` and log them as a ``comparison`` run. Returns a
+    one-line summary."""
+    import mlflow
+
+    from foodtransfer import plots
+    from foodtransfer.atomic import write_text
+    from foodtransfer.tracking.runs import NOTE_TAG, tracked_run
+    from foodtransfer.tracking.store import connect_existing
+
+    experiment_id = connect_existing(experiment)
+    client = mlflow.MlflowClient()
+    executions, unfinished = select(_all_runs(client, experiment_id), names, experiment)
+    if not executions:
+        detail = (f"; not finished: {', '.join(f'{u.name} ({u.status})' for u in unfinished)}"
+                  if unfinished else "")
+        raise CompareError(f"no finished pipeline run to compare in the MLflow experiment "
+                           f"{experiment!r}{detail}: run 'dvc repro' or 'dvc exp run' first.")
+    executions = check_data_versions(executions, data_version)
+    groups, swept = group(executions)
+    with tempfile.TemporaryDirectory() as cache:
+        summaries = summarise(client, groups, Path(cache))
+    frame = experiments_frame(summaries, swept)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = out / "experiments.png"
+    if swept:
+        plots.sweep_figure(frame, swept, figure)
+    elif figure.exists():
+        figure.unlink()  # an earlier sweep's figure would not match this comparison
+    write_text(out / "experiments.csv", frame.to_csv(index=False))
+    run_id = None
+    if log_run:
+        tags = {"compared_runs": ",".join(e.run_id for e in executions)[:5000],
+                "data_version": ",".join(sorted({e.data_version for e in executions})),
+                "swept_params": ",".join(swept) or "none"}
+        with tracked_run(experiment, COMPARISON_RUN_NAME, "comparison",
+                         {"swept": ",".join(swept) or "none", "runs": len(executions)},
+                         tags) as run:
+            run_id = run.run_id
+            text = experiments_markdown(experiment, executions, groups, swept, summaries,
+                                        unfinished, run_id)
+            write_text(out / "experiments.md", text)
+            run.log_metrics(comparison_metrics(frame, swept))
+            for name in OUTPUT_FILES:
+                if (out / name).exists():
+                    run.log_artifact(out / name)
+            run.set_tags({NOTE_TAG: text[:7900]})
+    else:
+        write_text(out / "experiments.md", experiments_markdown(
+            experiment, executions, groups, swept, summaries, unfinished, None))
+    return (f"compared {len(executions)} pipeline runs in {len(groups)} configuration"
+            f"{'s' * (len(groups) != 1)}" + (f" (swept: {', '.join(swept)})" if swept else "")
+            + (f"; not included: {len(unfinished)} unfinished" if unfinished else "")
+            + f"; wrote {out / 'experiments.md'}"
+            + (f"; MLflow run {run_id}" if run_id else ""))

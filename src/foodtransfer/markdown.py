@@ -1,0 +1,214 @@
+"""The text of the reports (``reports/comparison.md``, ``reports/experiments.md``): numbers with
+their intervals, tables, and plain sentences about differences between variants."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from foodtransfer.tracking.registry import CHAMPION_ALIAS
+from foodtransfer.uncertainty import SIGNIFICANCE, PairedDifference
+
+MINUS = "\u2212"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def with_interval(metrics: dict[str, Any], key: str) -> str:
+    """``0.853 [0.818, 0.886]``: a metric and its ``_ci_low`` / ``_ci_high`` where known."""
+    value = number(metrics.get(key))
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return value if low is None or high is None else f"{value} [{low:.3f}, {high:.3f}]"
+
+
+def count(value: Any) -> str:
+    return "-" if value is None else f"{int(value):,}"
+
+
+def cell(value: Any, limit: int | None = None) -> str:
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]],
+          numeric: Sequence[bool] | None = None) -> list[str]:
+    """Markdown table lines; ``numeric`` columns are right-aligned."""
+    numeric = numeric or [False] * len(header)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(" ---: " if right else " --- " for right in numeric) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def points(value: float, signed: bool = True) -> str:
+    """A difference in accuracy, in percentage points: ``+1.0``, ``−0.9``."""
+    text = f"{abs(value) * 100:.1f}"
+    if not signed:
+        return text
+    return (MINUS if value < 0 else "+") + text
+
+
+def verdict(difference: PairedDifference) -> str:
+    return (f"{'significant' if difference.significant else 'not significant'} at the "
+            f"{SIGNIFICANCE:g} level")
+
+
+def difference_text(difference: PairedDifference) -> str:
+    """``+1.0 points [−0.9, +2.9], McNemar p = 0.31``."""
+    return (f"{points(difference.difference)} points [{points(difference.ci_low)}, "
+            f"{points(difference.ci_high)}], McNemar p {p_relation(difference.p_value)}")
+
+
+def difference_sentence(a: str, b: str, difference: PairedDifference) -> str:
+    """``finetune vs dropout: +1.0 points [−0.9, +2.9], McNemar p = 0.31: not significant at
+    the 0.05 level``."""
+    return f"{a} vs {b}: {difference_text(difference)}: {verdict(difference)}"
+
+
+def p_value(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
+
+
+def p_relation(value: float) -> str:
+    """``= 0.31`` or ``< 0.001``."""
+    text = p_value(value)
+    return text if text.startswith("<") else f"= {text}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Variant ``a`` against variant ``b`` on the same test (and validation) images."""
+
+    a: str
+    b: str
+    test: PairedDifference
+    validation: PairedDifference | None = None
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """Where the report's numbers come from, for its header."""
+
+    experiment: str
+    data_version: str
+    parent_run_id: str | None = None
+    git_commit: str | None = None
+    dvc_exp_name: str | None = None
+    registered_model: str | None = None
+    registered_version: str | None = None
+    run_owner: dict[str, str] | None = None  # variant -> pipeline run that trained it
+
+
+def _champion_lines(results: dict[str, Any], champion: str, runner_up: Pair | None,
+                    context: ReportContext) -> list[str]:
+    best = results[champion].metrics
+    line = (f"**Champion: {champion}** (validation accuracy {best['best_val_accuracy']:.3f}; "
+            "chosen on validation, never on test)")
+    if context.registered_model:
+        line += (f", registered as `{context.registered_model}` version "
+                 f"{context.registered_version} with the alias `{CHAMPION_ALIAS}`: "
+                 f"`models:/{context.registered_model}@{CHAMPION_ALIAS}`")
+    lines = [line + "."]
+    if runner_up is not None:
+        parts = [f"on {where} {difference_text(diff)}"
+                 for where, diff in (("validation", runner_up.validation),
+                                     ("test", runner_up.test)) if diff is not None]
+        better = [where for where, diff in (("validation", runner_up.validation),
+                                            ("test", runner_up.test))
+                  if diff is not None and diff.significant and diff.difference > 0]
+        summary = (f"significantly better than the runner-up {runner_up.b} on "
+                   f"{' and '.join(better)}" if better else
+                   f"not significantly better than the runner-up {runner_up.b}")
+        lines += ["", f"The champion is {summary}: " + "; ".join(parts) + "."]
+    return lines
+
+
+def comparison_markdown(results: dict[str, Any], champion: str,
+                        changed: dict[str, tuple[Any, Any]], context: ReportContext,
+                        pairs: Sequence[Pair] = (), runner_up: Pair | None = None) -> str:
+    """``comparison.md``: the variants of one pipeline execution side by side, with 95 %
+    intervals, paired tests between them, the champion, and the params that were changed."""
+    lines = ["# Food-101 transfer learning: comparison of the variants", ""]
+    facts = [f"data version `{context.data_version}`",
+             f"MLflow experiment `{context.experiment}`"]
+    if context.parent_run_id:
+        facts.append(f"pipeline run `{context.parent_run_id}`")
+    if context.dvc_exp_name:
+        facts.append(f"DVC experiment `{context.dvc_exp_name}`")
+    if context.git_commit:
+        facts.append(f"git commit `{context.git_commit[:12]}`")
+    lines += [" · ".join(facts), ""]
+    lines += _champion_lines(results, champion, runner_up, context) + [""]
+    rows = []
+    for name, result in results.items():
+        metrics = result.metrics
+        run = f"`{result.run_id}`"
+        owner = (context.run_owner or {}).get(name)
+        if owner and owner != context.parent_run_id:
+            run += f" (reused from pipeline run `{owner}`)"
+        rows.append([
+            f"**{name}**" if name == champion else name,
+            with_interval(metrics, "test_accuracy"), with_interval(metrics, "test_top5_accuracy"),
+            with_interval(metrics, "test_macro_f1"), number(metrics.get("best_val_accuracy")),
+            number(metrics.get("epochs_run")), number(metrics.get("best_epoch")),
+            number(metrics.get("seconds_per_epoch"), 2),
+            f"{count(metrics.get('trainable_params'))} / {count(metrics.get('total_params'))}",
+            run])
+    lines += table(("variant", "test accuracy [95 % CI]", "test top-5 [95 % CI]",
+                    "test macro F1 [95 % CI]", "validation accuracy", "epochs", "best epoch",
+                    "s / epoch", "trainable / total params", "MLflow run"), rows,
+                   [False] + [True] * 8 + [False])
+    chance = results.get("baseline") and results["baseline"].metrics.get(
+        "untrained_test_accuracy")
+    classes = results[champion].class_names
+    lines += ["", "Intervals: 95 % percentile bootstrap over the test images (2000 resamples). "
+              f"{len(classes)} classes; chance level is about {1 / len(classes):.3f}"
+              + (f" (the untrained baseline scores {chance:.3f} on test)." if chance is not None
+                 else "."), ""]
+    if pairs:
+        lines += ["## Which differences hold", "",
+                  "Each pair on the same test images: the accuracy difference with a paired "
+                  "bootstrap 95 % interval, and an exact McNemar test on the images exactly one "
+                  f"of the two gets right (each at the {SIGNIFICANCE:g} level, not corrected "
+                  f"for the {len(pairs)} comparisons).", ""]
+        pair_rows = []
+        for pair in pairs:
+            diff = pair.test
+            row = [f"{pair.a} vs {pair.b}", f"{points(diff.difference)}",
+                   f"[{points(diff.ci_low)}, {points(diff.ci_high)}]",
+                   f"{diff.only_a_right} / {diff.only_b_right}", p_value(diff.p_value),
+                   "yes" if diff.significant else "no"]
+            val = pair.validation
+            row += ([f"{points(val.difference)}", p_value(val.p_value)] if val is not None
+                    else ["-", "-"])
+            pair_rows.append(row)
+        lines += table(("pair (a vs b)", "test difference (points)", "95 % CI",
+                        "only a right / only b right", "McNemar p", "significant",
+                        "validation difference", "validation p"), pair_rows,
+                       [False, True, True, True, True, False, True, True])
+        lines += [""] + [f"- {difference_sentence(pair.a, pair.b, pair.test)}."
+                         for pair in pairs] + [""]
+    lines += ["## Params that differ from the defaults", ""]
+    if changed:
+        lines += table(("param", "value", "default"),
+                       [[f"`{key}`", cell(value), cell(default, 60)]
+                        for key, (value, default) in sorted(changed.items())])
+    else:
+        lines.append("None: every param has its default value.")
+    lines += ["", "## Figures", "",
+              "Learning curves (train dashed, validation solid; stars mark the best epochs):", "",
+              "![learning curves](curves.png)", "",
+              "Test confusion matrices:", "", "![confusion matrices](confusion.png)", "",
+              f"The champion's ({champion}) most confident test mistakes:", "",
+              "![most confident mistakes](errors.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""How sure a number is: percentile bootstrap intervals, paired tests between two models on
+the same images, and intervals pooled over repeated runs.
+
+Every statistic here depends on the test images only through how many of them fall in each of
+a few *cells* (for accuracy: right or wrong; for macro F1: each combination of true and
+predicted class; for a paired test: the four combinations of right and wrong). Resampling n images
+with replacement then only redraws those cell counts, as one multinomial draw of n over the
+observed cell frequencies: exactly the bootstrap distribution, at a cost that grows with the
+number of cells, not of images (well under a second for 25 000 test images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
+SIGNIFICANCE = 0.05
+
+
+def resample_cells(counts: np.ndarray, resamples: int = RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(resamples, cells) bootstrap draws of data summarised as observations per cell."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("nothing to resample: no observations")
+    return np.random.default_rng(seed).multinomial(total, counts / total, size=resamples)
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE
+                        ) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def top_k_hits(probabilities: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per row, whether the true class is among the ``k`` most probable."""
+    if k >= probabilities.shape[1]:
+        return np.ones(len(labels), dtype=bool)
+    top = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def classification_intervals(labels: np.ndarray, predicted: np.ndarray, top5: np.ndarray,
+                             num_classes: int, *, resamples: int = RESAMPLES,
+                             seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
+                             ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, top-5 accuracy and macro F1 (over all
+    ``num_classes`` classes, F1 = 0 for a class neither present nor predicted, as scikit-learn
+    with ``zero_division=0``). Each interval is the exact bootstrap of its own metric: the
+    accuracies resample (right, in top 5) cells, macro F1 (true, predicted class) cells."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    n = len(labels)
+    right = labels == predicted
+    hits = np.asarray(top5, bool) | right
+    draws = resample_cells([np.sum(right), np.sum(hits & ~right), np.sum(~hits)], resamples,
+                           seed)
+    accuracy, top5_accuracy = draws[:, 0] / n, (draws[:, 0] + draws[:, 1]) / n
+
+    cells, counts = np.unique(labels * num_classes + predicted, return_counts=True)
+    true_class, predicted_class = cells // num_classes, cells % num_classes
+    draws = resample_cells(counts, resamples, seed + 1).astype(np.float64)
+    classes = np.eye(num_classes)
+    diagonal = true_class == predicted_class
+    true_positives = draws[:, diagonal] @ classes[true_class[diagonal]]
+    denominator = draws @ (classes[true_class] + classes[predicted_class])  # support + guessed
+    f1 = np.divide(2 * true_positives, denominator, out=np.zeros_like(denominator),
+                   where=denominator > 0)
+    return {"accuracy": percentile_interval(accuracy, confidence),
+            "top5_accuracy": percentile_interval(top5_accuracy, confidence),
+            "macro_f1": percentile_interval(f1.mean(axis=1), confidence)}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of model A minus model B on the same ``images``, with a paired bootstrap
+    interval and an exact McNemar test on the images where exactly one of them is right."""
+
+    images: int
+    only_a_right: int
+    only_b_right: int
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < SIGNIFICANCE
+
+
+def mcnemar_exact(only_a_right: int, only_b_right: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs at 1/2."""
+    discordant = only_a_right + only_b_right
+    if discordant == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(only_a_right, discordant, 0.5).pvalue)
+
+
+def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, *,
+                      resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      confidence: float = CONFIDENCE) -> PairedDifference:
+    """Compare two models' per-image correctness (same images, same order)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"need two equally long, non-empty rows of results, got {a.shape} "
+                         f"and {b.shape}")
+    counts = np.array([np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b)])
+    draws = resample_cells(counts, resamples, seed)
+    low, high = percentile_interval((draws[:, 1] - draws[:, 2]) / len(a), confidence)
+    return PairedDifference(len(a), int(counts[1]), int(counts[2]),
+                            float((counts[1] - counts[2]) / len(a)), low, high,
+                            mcnemar_exact(int(counts[1]), int(counts[2])))
+
+
+def pooled_interval(correct: np.ndarray, *, resamples: int = RESAMPLES,
+                    seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
+                    ) -> tuple[float, float]:
+    """Interval of the accuracy averaged over repeated runs (rows) on the same images
+    (columns), resampling images: each image carries its runs' results with it."""
+    correct = np.asarray(correct, bool)
+    runs = correct.shape[0]
+    per_image = correct.sum(axis=0)  # 0..runs right answers per image
+    counts = np.bincount(per_image, minlength=runs + 1)
+    draws = resample_cells(counts, resamples, seed)
+    means = draws @ np.arange(runs + 1) / (correct.shape[1] * runs)
+    return percentile_interval(means, confidence)
+
+
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    mean = float(np.mean(values))
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return mean, sd

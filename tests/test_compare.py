@@ -1,0 +1,128 @@
+"""foodtransfer compare's choices on hand-made MLflow runs (no store): which runs it takes,
+how it groups seeds and finds the swept param, what it refuses, and that failed or running
+experiments are listed, never averaged. The end-to-end run is in test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from foodtransfer.compare import (CompareError, check_data_versions, experiments_frame,
+                                  experiments_markdown, group, select)
+
+_clock = itertools.count(1)
+
+
+def make_run(run_id: str, *, kind: str = "pipeline", status: str = "FINISHED",
+             name: str | None = None, seed: int = 42, dropout: float = 0.6,
+             data_version: str = "v1", variant: str | None = None) -> SimpleNamespace:
+    tags = {"run_kind": kind, "data_version": data_version}
+    if name:
+        tags["dvc_exp_name"] = name
+    if variant:
+        tags["variant"] = variant
+    params = {"seed": str(seed), "dropout": str(dropout), "mlflow.experiment": "e",
+              "backbone": "MobileNetV2"}
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, status=status, run_name=variant or kind,
+                             start_time=next(_clock)),
+        data=SimpleNamespace(tags=tags, params=params,
+                             metrics={"dropout_test_accuracy": 0.8 + seed / 1000}))
+
+
+def test_all_finished_pipeline_runs_grouped_by_config_with_the_swept_param() -> None:
+    runs = [make_run("a", seed=1), make_run("b", seed=2), make_run("c", seed=1, dropout=0.3),
+            make_run("d", seed=2, dropout=0.3), make_run("t1", kind="variant",
+                                                         variant="dropout")]
+    executions, unfinished = select(runs, [], "e")
+    assert [e.run_id for e in executions] == ["a", "b", "c", "d"] and unfinished == []
+    groups, swept = group(executions)
+    assert swept == ["dropout"]
+    assert [[e.run_id for e in g.executions] for g in groups] == [["a", "b"], ["c", "d"]]
+    assert [g.label(swept) for g in groups] == ["dropout=0.6", "dropout=0.3"]
+
+
+def test_one_run_per_seed_the_latest() -> None:
+    runs = [make_run("old", seed=1), make_run("new", seed=1), make_run("other", seed=2)]
+    executions, _ = select(runs, [], "e")
+    assert [e.run_id for e in executions] == ["new", "other"]
+
+
+def test_names_select_by_dvc_experiment_or_run_id() -> None:
+    runs = [make_run("a", name="exp-a"), make_run("b", name="exp-b", seed=7),
+            make_run("c", seed=9)]
+    executions, _ = select(runs, ["exp-b", "c"], "e")
+    assert [e.run_id for e in executions] == ["b", "c"]
+    with pytest.raises(CompareError, match=r"unknown experiment 'nope'.*DVC experiments there: "
+                                           r"exp-a, exp-b"):
+        select(runs, ["nope"], "e")
+
+
+def test_failed_and_running_experiments_are_listed_not_averaged() -> None:
+    runs = [make_run("ok", name="good"),
+            make_run("t-fail", kind="variant", variant="dropout", status="FAILED",
+                     name="broken", seed=3),
+            make_run("t-run", kind="variant", variant="finetune", status="RUNNING",
+                     name="busy", seed=4),
+            make_run("t-ok", kind="variant", variant="transfer", name="half", seed=5)]
+    executions, unfinished = select(runs, [], "e")
+    assert [e.run_id for e in executions] == ["ok"]
+    listed = {u.name: (u.status, u.detail) for u in unfinished}
+    assert listed["broken"] == ("FAILED", "dropout failed")
+    assert listed["busy"] == ("RUNNING", "finetune running")
+    assert listed["half"] == ("INCOMPLETE", "transfer finished (no finished report stage yet)")
+    # Asked for by name, a failed experiment is listed, and not an error.
+    executions, unfinished = select(runs, ["good", "broken"], "e")
+    assert [e.run_id for e in executions] == ["ok"] and unfinished[0].name == "broken"
+    groups, swept = group(executions)
+    text = experiments_markdown("e", executions, groups, swept, [], unfinished, None)
+    assert "## Not included" in text and "| broken | FAILED | dropout failed |" in text
+
+
+def test_different_data_versions_are_not_pooled() -> None:
+    runs = [make_run("a", seed=1), make_run("b", seed=2, data_version="v2"),
+            make_run("c", seed=3, data_version="v2")]
+    executions, _ = select(runs, [], "e")
+    with pytest.raises(CompareError, match=r"2 data versions \(v1 \(1 run\), v2 \(2 runs\)\).*"
+                                           r"--data-version"):
+        check_data_versions(executions, None)
+    assert [e.run_id for e in check_data_versions(executions, "v2")] == ["b", "c"]
+    with pytest.raises(CompareError, match="no compared run is on data version 'v3'"):
+        check_data_versions(executions, "v3")
+
+
+def test_frame_has_mean_sd_and_the_swept_values() -> None:
+    runs = [make_run("a", seed=1), make_run("b", seed=3)]
+    executions, _ = select(runs, [], "e")
+    groups, swept = group(executions)
+    from foodtransfer.compare import Summary
+
+    summary = Summary(groups[0], "dropout", ["1", "3"],
+                      {"test_accuracy": [0.80, 0.84], "test_macro_f1": [0.7, 0.74],
+                       "best_val_accuracy": [0.9, 0.9]}, (0.78, 0.86))
+    frame = experiments_frame([summary], swept)
+    row = frame.iloc[0]
+    assert row["seeds"] == 2 and row["test_accuracy_mean"] == pytest.approx(0.82)
+    assert row["test_accuracy_sd"] == pytest.approx(0.028284, abs=1e-6)
+    assert row["best_val_accuracy_sd"] == pytest.approx(0.0)
+    assert (row["test_accuracy_pooled_ci_low"], row["test_accuracy_pooled_ci_high"]) == \
+        (0.78, 0.86)
+    text = experiments_markdown("e", executions, groups, swept, [summary], [], "R1")
+    assert "| all runs | dropout | 2 | 0.820 ± 0.028 | [0.780, 0.860] |" in text
+    assert isinstance(frame, pd.DataFrame)
+
+
+def test_compare_without_a_store_is_one_clear_error(tmp_path, monkeypatch) -> None:
+    from foodtransfer.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["compare"])
+    assert result.exit_code == 2
+    assert "foodtransfer compare: error: There is no MLflow store" in result.output
+    assert not (tmp_path / "mlruns").exists()  # nothing created

@@ -1,0 +1,120 @@
+"""Intervals and paired tests (foodtransfer.uncertainty) against known cases: a perfect model,
+binomial proportions (scipy), a hand-computed McNemar table, and the plain index bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import f1_score
+
+from foodtransfer.uncertainty import (classification_intervals, mcnemar_exact, mean_and_sd,
+                                      paired_difference, pooled_interval, top_k_hits)
+
+
+def noisy_predictions(n: int, classes: int, accuracy: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    wrong = (labels + rng.integers(1, classes, n)) % classes
+    predicted = np.where(rng.random(n) < accuracy, labels, wrong)
+    return labels, predicted
+
+
+def test_all_correct_predictions_give_the_interval_1_1() -> None:
+    labels = np.arange(40) % 4
+    bounds = classification_intervals(labels, labels, np.ones(40, bool), 4)
+    assert bounds == {"accuracy": (1.0, 1.0), "top5_accuracy": (1.0, 1.0),
+                      "macro_f1": (1.0, 1.0)}
+
+
+@pytest.mark.parametrize(("n", "accuracy"), [(400, 0.85), (400, 0.5), (1000, 0.95)])
+def test_accuracy_interval_matches_the_binomial_one(n: int, accuracy: float) -> None:
+    labels, predicted = noisy_predictions(n, 8, accuracy, seed=n)
+    low, high = classification_intervals(labels, predicted, labels == predicted, 8)["accuracy"]
+    right = int(np.sum(labels == predicted))
+    reference = binomtest(right, n).proportion_ci(0.95, method="wilson")
+    assert low == pytest.approx(reference.low, abs=0.01)
+    assert high == pytest.approx(reference.high, abs=0.01)
+    assert low < right / n < high
+
+
+def test_intervals_are_seeded_and_reproducible() -> None:
+    labels, predicted = noisy_predictions(300, 5, 0.7)
+    hits = top_k_hits(np.eye(5)[predicted] * 0.6 + 0.08, labels, 2)
+    first = classification_intervals(labels, predicted, hits, 5)
+    assert first == classification_intervals(labels, predicted, hits, 5)
+    assert first != classification_intervals(labels, predicted, hits, 5, seed=1)
+
+
+def test_macro_f1_interval_agrees_with_the_plain_index_bootstrap() -> None:
+    """The cell resampling is the bootstrap: compare with resampling images one by one."""
+    labels, predicted = noisy_predictions(200, 4, 0.7, seed=3)
+    rng = np.random.default_rng(11)
+    plain = []
+    for _ in range(2000):
+        rows = rng.integers(0, len(labels), len(labels))
+        plain.append(f1_score(labels[rows], predicted[rows], labels=range(4), average="macro",
+                              zero_division=0))
+    low, high = classification_intervals(labels, predicted, labels == predicted, 4)["macro_f1"]
+    assert low == pytest.approx(np.percentile(plain, 2.5), abs=0.012)
+    assert high == pytest.approx(np.percentile(plain, 97.5), abs=0.012)
+    point = f1_score(labels, predicted, labels=range(4), average="macro", zero_division=0)
+    assert low < point < high
+
+
+def test_top5_interval_and_hits() -> None:
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    labels = np.array([2, 0, 1])
+    np.testing.assert_array_equal(top_k_hits(probabilities, labels, 1), [False, False, False])
+    np.testing.assert_array_equal(top_k_hits(probabilities, labels, 2), [False, False, True])
+    np.testing.assert_array_equal(top_k_hits(probabilities, labels, 5), [True, True, True])
+
+
+def test_mcnemar_matches_a_hand_computed_table() -> None:
+    # Only A right on 10 images, only B right on 2: p = 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    #   = 2 * (1 + 12 + 66) / 4096 = 158 / 4096.
+    assert mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
+    assert mcnemar_exact(5, 5) == pytest.approx(1.0)
+    assert mcnemar_exact(0, 0) == 1.0
+    # 6 vs 0: p = 2 / 64.
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+
+
+def test_paired_difference_on_a_known_table() -> None:
+    # 400 images: both right 330, only A 10, only B 2, both wrong 58.
+    a = np.array([True] * 330 + [True] * 10 + [False] * 2 + [False] * 58)
+    b = np.array([True] * 330 + [False] * 10 + [True] * 2 + [False] * 58)
+    result = paired_difference(a, b)
+    assert (result.images, result.only_a_right, result.only_b_right) == (400, 10, 2)
+    assert result.difference == pytest.approx(8 / 400)
+    assert result.p_value == pytest.approx(158 / 4096) and result.significant
+    assert result.ci_low < result.difference < result.ci_high
+    assert result.ci_low > 0  # every resample keeps A ahead here: 10 vs 2 of 400
+    swapped = paired_difference(b, a)
+    assert swapped.difference == pytest.approx(-8 / 400) and swapped.p_value == result.p_value
+    same = paired_difference(a, a)
+    assert (same.difference, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert not same.significant
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference(a, b[:10])
+
+
+def test_pooled_interval_over_repeated_runs() -> None:
+    labels, predicted = noisy_predictions(400, 8, 0.85)
+    right = labels == predicted
+    single = classification_intervals(labels, predicted, right, 8)["accuracy"]
+    # Three identical runs carry no more information than one.
+    pooled = pooled_interval(np.stack([right] * 3))
+    assert pooled == pytest.approx(single, abs=0.01)
+    # Three runs that disagree on some images: the interval centres on the mean accuracy.
+    rng = np.random.default_rng(2)
+    runs = np.stack([right ^ (rng.random(400) < 0.05) for _ in range(3)])
+    low, high = pooled_interval(runs)
+    assert low < runs.mean() < high and high - low < 0.09
+
+
+def test_mean_and_sd() -> None:
+    assert mean_and_sd([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
+    mean, sd = mean_and_sd([0.5])
+    assert mean == 0.5 and np.isnan(sd)
