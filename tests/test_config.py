@@ -15,6 +15,7 @@ from foodtransfer.config import (
     FOOD101_URL,
     BaselineConfig,
     DataConfig,
+    FeaturesConfig,
     FinetuneConfig,
     MlflowConfig,
     Params,
@@ -289,8 +290,8 @@ def test_flatten_gives_flat_dotted_keys() -> None:
 
 def test_flatten_covers_every_field() -> None:
     flat = flatten(Params())
-    sections = {"data": DataConfig, "baseline": BaselineConfig, "finetune": FinetuneConfig,
-                "mlflow": MlflowConfig}
+    sections = {"data": DataConfig, "features": FeaturesConfig, "baseline": BaselineConfig,
+                "finetune": FinetuneConfig, "mlflow": MlflowConfig}
     n_leaves = (len(Params.model_fields) - len(sections)
                 + sum(len(section.model_fields) for section in sections.values())
                 - 1 + len(SampleConfig.model_fields))  # data.sample is a section too
@@ -307,3 +308,17 @@ def test_a_value_of_the_right_type_in_a_union_is_range_checked() -> None:
     message = config_error({"finetune": {"unfreeze": 0}})
     assert "finetune.unfreeze = 0" in message and "out of range" in message and ">= 1" in message
     assert parse_params({"finetune": {"unfreeze": 12}}).finetune.unfreeze == 12
+
+
+def test_a_crop_too_small_for_the_backbone_is_refused() -> None:
+    message = config_error({"image_size": 64, "features": {"crop": 0.4}})
+    assert "features.crop = 0.4 leaves the backbone 26 px" in message and "at least 32" in message
+    assert parse_params({"image_size": 256, "features": {"crop": 0.875}}).features.crop == 0.875
+
+
+def test_finetune_views_need_the_frozen_bottom_cache() -> None:
+    message = config_error({"finetune": {"views": 4, "augment": True}})
+    assert "finetune.views = 4 needs finetune.cache_frozen = true" in message
+    message = config_error({"finetune": {"views": 2, "cache_frozen": False}})
+    assert "finetune.views=0" in message
+    assert parse_params({"finetune": {"views": 4}}).finetune.views == 4

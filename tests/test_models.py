@@ -304,10 +304,10 @@ def test_unfreezing_grows_the_trainable_parameters_of_the_classifier() -> None:
     assert parameter_counts(model)[1] > trainable_10
 
 
-def test_get_backbone_model_finds_it_through_augmentation() -> None:
+def test_get_backbone_model_finds_it_through_crop_and_tta() -> None:
     extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
     model = build_image_classifier(extractor, build_head(extractor.output_shape[-1], CLASSES),
-                                   augment=True)
+                                   image_size=SIZE + 8, tta=True)
     assert get_backbone_model(model) is get_backbone_model(extractor)
     with pytest.raises(ValueError, match="no 'backbone' layer"):
         get_backbone_model(build_head(4, CLASSES))
@@ -375,10 +375,10 @@ def test_head_smoke() -> None:
     assert learned(before, after, trainable) == trainable
 
 
-def classifier_smoke(extractor: keras.Model, *, augment: bool = False) -> list[str]:
+def classifier_smoke(extractor: keras.Model, *, tta: bool = False) -> list[str]:
     """Smoke-test extractor + a new head; returns the head weights the step moved."""
     head = build_head(extractor.output_shape[-1], CLASSES)
-    model = build_image_classifier(extractor, head, augment=augment)
+    model = build_image_classifier(extractor, head, tta=tta)
     before, after = smoke(model, random_images(4), random_labels(4))
     head_paths = [w.path for w in head.weights]
     frozen_paths = [w.path for w in extractor.weights]  # backbone and preprocessing
@@ -388,9 +388,9 @@ def classifier_smoke(extractor: keras.Model, *, augment: bool = False) -> list[s
     return learned(before, after, head_paths)
 
 
-def test_image_classifier_smoke_mobilenet_with_augmentation() -> None:
+def test_image_classifier_smoke_mobilenet_with_tta() -> None:
     extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
-    moved = classifier_smoke(extractor, augment=True)
+    moved = classifier_smoke(extractor, tta=True)
     # Random-weight MobileNetV2 features are ~1e-12 at 32 px: the head kernel gets next to no
     # gradient there, but the bias does learn.
     assert [p for p in moved if p.endswith("classifier/bias")] != []
@@ -443,3 +443,24 @@ def test_fine_tune_step_trains_only_the_unfrozen_top() -> None:
     # BatchNormalization stays in inference mode: scale, offset and moving stats untouched.
     assert changed(before, after, bn_paths) == []
     assert changed(before, after, preprocess_paths) == []
+
+
+def test_crop_and_tta_in_the_classifier_match_the_cached_feature_path(tmp_path: Path) -> None:
+    """The deployed model (raw images, centre crop and mirror average inside) gives what the
+    features stage's NumPy crops and flips through the extractor and head give."""
+    from foodtransfer.data.augment import center_crop, flip
+
+    extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+    head = build_head(extractor.output_shape[-1], CLASSES)
+    model = build_image_classifier(extractor, head, image_size=SIZE + 9, tta=True)
+    images = np.random.default_rng(4).integers(0, 256, (3, SIZE + 9, SIZE + 9, 3), np.uint8)
+    crops = center_crop(images, SIZE)
+    plain = keras.ops.convert_to_numpy(head(extractor(crops.astype("float32"))))
+    mirrored = keras.ops.convert_to_numpy(head(extractor(flip(crops).astype("float32"))))
+    deployed = keras.ops.convert_to_numpy(model(images.astype("float32")))
+    np.testing.assert_allclose(deployed, (plain + mirrored) / 2, atol=1e-5)
+    # Saved and loaded (the flip layer is registered), it predicts the same.
+    model.save(tmp_path / "tta.keras")
+    loaded = keras.saving.load_model(tmp_path / "tta.keras", compile=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images.astype("float32"))),
+                               deployed, atol=1e-6)

@@ -19,7 +19,7 @@ from foodtransfer.errors import DataError
 from foodtransfer.evaluation import evaluate
 from foodtransfer.models.classifiers import build_head
 from foodtransfer.models.inference import compile_forward, predict_array
-from foodtransfer.stages.features import extract_features
+from foodtransfer.stages.features import extract_features, feature_files
 from foodtransfer.training.loop import History, fit, make_optimizer
 
 pytestmark = pytest.mark.filterwarnings(
@@ -265,8 +265,9 @@ def test_extract_features_writes_the_extractor_outputs(tmp_path: Path) -> None:
 
     out = tmp_path / "features"
     forward = compile_forward(extractor, 3)
-    result = extract_features(extractor, trimmed, splits, out, metadata={"backbone": "tiny"},
-                              forward=forward, show_progress=False)
+    result = extract_features(extractor, trimmed, feature_files(splits, 4, 4), out,
+                              metadata={"backbone": "tiny"}, forward=forward,
+                              show_progress=False)
     # 7, 3 and 4 images in batches of 3: the short last batches are padded, so one trace.
     assert forward.experimental_get_tracing_count() == 1
     assert result.images == 14 and result.dim == 5

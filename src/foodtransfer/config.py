@@ -82,6 +82,18 @@ class DataConfig(Section):
     sample: SampleConfig = SampleConfig()
 
 
+class FeaturesConfig(Section):
+    # The backbone sees the centre `crop` share of each image (round(image_size * crop) px);
+    # 1.0: the whole image, resized (the reference recipe).
+    crop: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Seeded augmented views (random resized crop, flip, colour jitter) of each training image
+    # cached beside its plain features, so the heads train on augmented data at cache speed.
+    views: Annotated[int, Field(ge=0, le=64)] = 0
+    # Validation and test predictions averaged with those of the flipped image (test-time
+    # augmentation), in the deployed model too.
+    tta: bool = False
+
+
 class BaselineConfig(Section):
     epochs: PositiveInt = 20
     learning_rate: Rate = 1e-3
@@ -98,6 +110,13 @@ class FinetuneConfig(Section):
     # Compute the frozen bottom of the backbone once and train only the top on its cached
     # output (exact; applies when augment is false and unfreeze leaves a frozen bottom).
     cache_frozen: bool = True
+    # Augmented views of each training image in that cache; epoch e trains on view e mod
+    # (views + 1) (view 0: the plain image), so an epoch costs what a plain one does.
+    views: Annotated[int, Field(ge=0, le=64)] = 0
+    # The fine-tune learning-rate schedule: plateau (ReduceLROnPlateau), cosine (decay to zero
+    # over finetune.epochs) or none.
+    lr_schedule: Literal["none", "plateau", "cosine"] = "plateau"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class MlflowConfig(Section):
@@ -128,6 +147,7 @@ class Params(Section):
     # float16 compute with float32 variables and softmax, on GPUs only (off on CPU).
     mixed_precision: bool = False
     data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
     baseline: BaselineConfig = BaselineConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -252,6 +272,18 @@ def _check_cross_fields(params: Params) -> None:
             f"params: mlflow.registered_model = {name!r} is not a usable model registry name: "
             "no '/', ':', '@' (models:/<name>@<alias> URIs use them), quotes, or leading or "
             f"trailing spaces. {FIX_HINT.format(key='mlflow.registered_model')}")
+    side = int(round(params.image_size * params.features.crop))
+    if params.features.crop < 1 and side < 32:
+        raise ConfigError(
+            f"params: features.crop = {params.features.crop} leaves the backbone {side} px of "
+            f"the {params.image_size} px images; it needs at least 32. Raise features.crop or "
+            "image_size.")
+    tune = params.finetune
+    if tune.views and (tune.augment or not tune.cache_frozen):
+        raise ConfigError(
+            f"params: finetune.views = {tune.views} needs finetune.cache_frozen = true and "
+            "finetune.augment = false: the views are cached outputs of the frozen bottom. Set "
+            "finetune.views=0 to fine-tune with full passes and on-the-fly augmentation.")
     data = params.data
     if data.sample.min_side > data.sample.max_side:
         raise ConfigError(

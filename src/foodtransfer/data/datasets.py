@@ -7,6 +7,7 @@ reader serves images and features alike (:func:`rows_dataset`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,30 +30,44 @@ def example_images(trimmed_dir: Path, split: Split, count: int = 1) -> np.ndarra
     return image_store(trimmed_dir, split).read(split.indices[:count]).astype("float32")
 
 
+Transform = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
 def rows_dataset(rows: NpyRows, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                 shuffle: bool = False, seed: int = 0, fixed_batches: bool = False):
+                 shuffle: bool = False, seed: int = 0, fixed_batches: bool = False,
+                 transform: Transform | None = None, shape: tuple[int, ...] | None = None):
     """A ``tf.data.Dataset`` of ``(rows[indices], labels)`` batches read from the .npy file.
 
     ``fixed_batches``: yield ``(rows, count)`` batches of exactly ``batch_size`` rows, the last
     one zero-padded after its ``count`` real rows, so that a compiled forward pass is traced
-    once for one input shape. Read-ahead is bounded (two readers, two batches in flight)
-    instead of AUTOTUNE, whose buffers grow with the run: memory stays flat whatever the number
-    of rows, and two readers keep up with a backbone pass per batch."""
+    once for one input shape. ``transform(batch, indices)`` (NumPy, in the reader threads)
+    maps a batch of rows to a batch of ``shape`` rows of the same dtype (a crop, augmented
+    views). Read-ahead is bounded (two readers, two batches in flight) instead of AUTOTUNE,
+    whose buffers grow with the run: memory stays flat whatever the number of rows, and two
+    readers keep up with a backbone pass per batch."""
     import tensorflow as tf
 
-    shape = rows.shape[1:]
+    shape = tuple(shape or rows.shape[1:])
     dtype = tf.as_dtype(rows.dtype)
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(indices, np.int64), labels))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
+    def read(batch_indices: np.ndarray, padded_to: int | None = None) -> np.ndarray:
+        batch = rows.read(batch_indices, rows=padded_to)
+        if transform is None:
+            return batch
+        padded = np.zeros(len(batch), np.int64)
+        padded[:len(batch_indices)] = batch_indices
+        return transform(batch, padded)
+
     def load(batch_indices, batch_labels):
-        x = tf.numpy_function(rows.read, [batch_indices], dtype, stateful=False)
+        x = tf.numpy_function(read, [batch_indices], dtype, stateful=False)
         return tf.ensure_shape(x, (None, *shape)), batch_labels
 
     def load_fixed(batch_indices, batch_labels):
-        x = tf.numpy_function(lambda i: rows.read(i, rows=batch_size), [batch_indices], dtype,
+        x = tf.numpy_function(lambda i: read(i, batch_size), [batch_indices], dtype,
                               stateful=False)
         return tf.ensure_shape(x, (batch_size, *shape)), tf.shape(batch_indices)[0]
 
@@ -61,14 +76,17 @@ def rows_dataset(rows: NpyRows, indices: np.ndarray, labels: np.ndarray, batch_s
 
 
 def image_dataset(trimmed_dir: Path, split: Split, batch_size: int, *, shuffle: bool = False,
-                  seed: int = 0, with_labels: bool = True, fixed_batches: bool = False):
+                  seed: int = 0, with_labels: bool = True, fixed_batches: bool = False,
+                  transform: Transform | None = None, size: int | None = None):
     """Batches of ``split``'s images: (float32 images 0..255, labels), or float32 images
     alone; with ``fixed_batches``, (uint8 images, count) as :func:`rows_dataset` gives them
-    (the cast to float then happens on the device)."""
+    (the cast to float then happens on the device). ``transform`` (to ``size`` x ``size``
+    images) is applied to each uint8 batch as it is read."""
     import tensorflow as tf
 
     ds = rows_dataset(image_store(trimmed_dir, split), split.indices, split.labels, batch_size,
-                      shuffle=shuffle, seed=seed, fixed_batches=fixed_batches)
+                      shuffle=shuffle, seed=seed, fixed_batches=fixed_batches,
+                      transform=transform, shape=(size, size, 3) if size else None)
     if fixed_batches:
         return ds
     if with_labels:
@@ -86,8 +104,29 @@ def npy_dataset(path: Path, labels: np.ndarray, batch_size: int, *, shuffle: boo
                         seed=seed)
 
 
+def views_dataset(path: Path, labels: np.ndarray, batch_size: int, *, views: int, epochs: int,
+                  seed: int = 0):
+    """Batches for ``epochs`` epochs of a .npy file holding ``views + 1`` rows per label, view
+    by view (view 0 first): epoch e reads view e mod (views + 1) of every image, shuffled
+    (seeded). One dataset for all the epochs, one after the other (a training loop takes
+    ``ceil(len(labels) / batch_size)`` batches per epoch from it)."""
+    rows = NpyRows(path)
+    images = len(labels)
+    if len(rows) != images * (views + 1):
+        raise DataError(f"{path} has {len(rows)} rows for {images} images x {views + 1} views")
+    rng = np.random.default_rng(seed)
+    dataset = None
+    for epoch in range(epochs):
+        order = rng.permutation(images)
+        part = rows_dataset(rows, (epoch % (views + 1)) * images + order, labels[order],
+                            batch_size)
+        dataset = part if dataset is None else dataset.concatenate(part)
+    return dataset
+
+
 def load_features(features_dir: Path, name: str) -> np.ndarray:
     path = features_dir / f"{name}.npy"
     if not path.is_file():
-        raise DataError(f"{path} is missing: run 'dvc repro features' first.")
+        raise DataError(f"{path} is missing: the features stage did not write it with these "
+                        "params. Run 'dvc repro features' first.")
     return np.load(path)

@@ -90,14 +90,34 @@ def build_head(feature_dim: int, num_classes: int, *, dropout: float = 0.0, l1: 
     return keras.Model(inputs, outputs, name="head")
 
 
+@keras.saving.register_keras_serializable(package="foodtransfer")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirror images left to right (NHWC), always: for test-time augmentation."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=2)
+
+
 def build_image_classifier(extractor: keras.Model, head: keras.Model, *,
-                           augment: bool = False, seed: int = 0) -> keras.Model:
+                           image_size: int | None = None, tta: bool = False) -> keras.Model:
     """One model from raw images to class probabilities, sharing the extractor's and the
-    head's layers (and so their weights)."""
-    image_size = extractor.input_shape[1]
-    inputs = image_input(image_size)
-    x = augmentation(seed)(inputs) if augment else inputs
-    outputs = head(extractor(x))
+    head's layers (and so their weights): images of ``image_size`` (default: the extractor's
+    input), centre-cropped to the extractor's input when larger; with ``tta``, the average of
+    the probabilities of each image and of its mirror image."""
+    size = extractor.input_shape[1]
+    inputs = image_input(image_size or size)
+    # Float32 like the pixels: under mixed precision these would otherwise round them.
+    crop = (keras.layers.CenterCrop(size, size, name="center_crop", dtype="float32")
+            if (image_size or size) != size else None)
+
+    def classify(images):
+        return head(extractor(crop(images) if crop is not None else images))
+
+    outputs = classify(inputs)
+    if tta:
+        flipped = HorizontalFlip(name="flip", dtype="float32")(inputs)
+        outputs = keras.layers.Average(name="tta", dtype=OUTPUT_DTYPE)([outputs,
+                                                                        classify(flipped)])
     return keras.Model(inputs, outputs, name="image_classifier")
 
 

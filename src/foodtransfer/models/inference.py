@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foodtransfer.data.datasets import image_dataset
+from foodtransfer.data.datasets import Transform, image_dataset
 from foodtransfer.data.images import NpyWriter
 from foodtransfer.data.manifests import Split
 from foodtransfer.training.hyperrule import FORWARD_BATCH, PREDICT_BATCH
@@ -27,26 +27,36 @@ def compile_forward(model, batch_size: int = FORWARD_BATCH):
         return model(tf.cast(images, tf.float32), training=False)
 
     forward.batch_size = batch_size
+    forward.input_size = int(height)
     forward.output_shape = tuple(model.output_shape[1:])
     return forward
 
 
-def forward_batches(forward, trimmed_dir: Path, split: Split):
+def forward_batches(forward, trimmed_dir: Path, split: Split,
+                    transform: Transform | None = None):
     """Yield ``forward``'s outputs (NumPy, float32) for the images of ``split`` in manifest
-    order, one batch at a time, without the zero padding of the last batch."""
+    order, one batch at a time, without the zero padding of the last batch. ``transform``
+    (a crop, augmented views) maps each uint8 batch to ``forward``'s input size first."""
     dataset = image_dataset(trimmed_dir, split, forward.batch_size, with_labels=False,
-                            fixed_batches=True)
+                            fixed_batches=True, transform=transform,
+                            size=forward.input_size if transform else None)
     for images, count in dataset:
         yield forward(images).numpy()[:int(count)].astype("float32", copy=False)
 
 
 def write_outputs(forward, trimmed_dir: Path, split: Split, path: Path,
-                  on_batch=lambda count: None) -> None:
-    """Stream ``forward``'s outputs for the images of ``split`` into ``path``, a float32 .npy
-    of one row per image; memory does not grow with the number of images. ``on_batch(count)``
-    follows the progress."""
+                  on_batch=lambda count: None, transform: Transform | None = None,
+                  append: NpyWriter | None = None) -> None:
+    """Stream ``forward``'s outputs for the images of ``split`` (after ``transform``) into
+    ``path``, a float32 .npy of one row per image, or onto the open writer ``append``; memory
+    does not grow with the number of images. ``on_batch(count)`` follows the progress."""
+    if append is not None:
+        for outputs in forward_batches(forward, trimmed_dir, split, transform):
+            append.extend(outputs)
+            on_batch(len(outputs))
+        return
     with NpyWriter(path, forward.output_shape, "float32") as writer:
-        for outputs in forward_batches(forward, trimmed_dir, split):
+        for outputs in forward_batches(forward, trimmed_dir, split, transform):
             writer.extend(outputs)
             on_batch(len(outputs))
 

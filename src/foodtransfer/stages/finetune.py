@@ -2,9 +2,12 @@
 layers unfrozen (BatchNormalization stays frozen), trained on at ``learning_rate ×
 finetune.lr_scale`` (params section ``finetune``).
 
-When nothing random happens before the unfrozen layers (no augmentation), the frozen bottom's
+When nothing random happens inside the model before the unfrozen layers, the frozen bottom's
 output for each image never changes: it is computed once, streamed to a scratch file beside the
-model folder, and each epoch runs only the unfrozen top and the head (exact, much faster).
+model folder, and each epoch runs only the unfrozen top and the head (exact, much faster). With
+``finetune.views``, that cache also holds the bottom's output for as many seeded augmented
+views of each training image (the features stage's views), and epoch e trains on view
+e mod (views + 1): augmented fine-tuning at the cost of plain epochs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 from foodtransfer.atomic import scratch_dir
 from foodtransfer.config import Params
-from foodtransfer.data.datasets import image_dataset, npy_dataset
+from foodtransfer.data.augment import crop_transform, view_transform
+from foodtransfer.data.datasets import image_dataset, npy_dataset, views_dataset
+from foodtransfer.data.images import NpyWriter
 from foodtransfer.data.manifests import Split, load_classes, load_splits
 from foodtransfer.errors import DataError
 from foodtransfer.models.classifiers import (augmentation, get_backbone_model,
@@ -29,21 +34,29 @@ from foodtransfer.training.loop import History, fit
 
 
 def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Split],
-                        scratch: Path, strategy):
+                        scratch: Path, strategy, *, views: int = 0, seed: int = 0):
     """The model from the cut to the probabilities (created in ``strategy``'s scope, to be
-    trained there), after writing the frozen bottom's output for every train and validation
-    image to ``scratch/{train,val}.npy`` (streamed: memory does not grow with the images)."""
+    trained there), after writing the frozen bottom's output for every validation image to
+    ``scratch/val.npy`` and for every training image and then each of its ``views``
+    augmented views to ``scratch/train.npy`` (streamed: memory does not grow with the
+    images)."""
     import keras
 
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
     head = model.get_layer("head")
     names = [layer.name for layer in extractor.layers]
-    image = keras.Input(model.input_shape[1:], name="image")
+    size = extractor.input_shape[1]
+    image = keras.Input((size, size, 3), name="image")
     x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
     forward = compile_forward(keras.Model(image, bottom(x, training=False),
                                           name="frozen_bottom"))
-    for name in ("train", "val"):
-        write_outputs(forward, trimmed, splits[name], scratch / f"{name}.npy")
+    plain = crop_transform(size) if size != model.input_shape[1] else None
+    write_outputs(forward, trimmed, splits["val"], scratch / "val.npy", transform=plain)
+    with NpyWriter(scratch / "train.npy", forward.output_shape, "float32") as writer:
+        for transform in [plain] + [view_transform(size, seed, view)
+                                    for view in range(1, views + 1)]:
+            write_outputs(forward, trimmed, splits["train"], writer.path, transform=transform,
+                          append=writer)
     with strategy.scope():
         cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
         outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
@@ -62,7 +75,7 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
         raise DataError(f"{source} is missing: run 'dvc repro dropout' first.")
     config = params.finetune
     with setup.strategy.scope():
-        model = keras.saving.load_model(source)
+        model = keras.saving.load_model(source, compile=False)  # compiled below, as fit does
         backbone = get_backbone_model(model)
         unfrozen = unfreeze_top(backbone, config.unfreeze)
         if config.augment:
@@ -81,9 +94,10 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
         if parts is not None:
             started = time.perf_counter()
             trainable_model = cached_bottom_model(model, *parts, trimmed, splits, scratch,
-                                                  setup.strategy)
-            train = npy_dataset(scratch / "train.npy", splits["train"].labels, batch,
-                                shuffle=True, seed=params.seed)
+                                                  setup.strategy, views=config.views,
+                                                  seed=params.data.seed)
+            train = views_dataset(scratch / "train.npy", splits["train"].labels, batch,
+                                  views=config.views, epochs=config.epochs, seed=params.seed)
             val = npy_dataset(scratch / "val.npy", splits["val"].labels, batch)
             extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
         else:
@@ -100,10 +114,12 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
                 history = fit(trainable_model, train, val, epochs=config.epochs,
                               learning_rate=hyperrule.finetune_learning_rate(
                                   params.learning_rate, config.lr_scale),
-                              optimizer=params.optimizer, lr_schedule=params.lr_schedule,
+                              optimizer=params.optimizer, lr_schedule=config.lr_schedule,
                               patience=params.patience, num_classes=len(class_names),
                               batch_size=batch, train_examples=len(splits["train"]),
-                              first_epoch=first_epoch, on_epoch=run.log_epoch)
+                              first_epoch=first_epoch, on_epoch=run.log_epoch,
+                              label_smoothing=config.label_smoothing,
+                              dataset_spans_epochs=parts is not None)
         # The full image model shares every layer with the trained one: evaluate and log it.
         return finish_image_model("finetune", model, history, trimmed, splits, class_names,
                                   run, outputs, extra, curve_rows=start_rows + history.rows)

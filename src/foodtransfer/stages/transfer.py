@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from foodtransfer.config import Params
+from foodtransfer.data.augment import crop_size
 from foodtransfer.data.datasets import example_images, load_features
-from foodtransfer.data.manifests import load_classes, load_splits
+from foodtransfer.data.manifests import Split, load_classes, load_splits
 from foodtransfer.errors import DataError
 from foodtransfer.evaluation import evaluate
 from foodtransfer.models.classifiers import (build_feature_extractor, build_head,
@@ -28,6 +29,25 @@ from foodtransfer.training.loop import fit
 log = logging.getLogger(__name__)
 
 
+def load_cache(features: Path, splits: dict[str, Split], *, views: int, tta: bool
+               ) -> dict[str, np.ndarray]:
+    """The cached features the features stage wrote for these params, each checked against
+    its manifest: ``train``, ``val``, ``test``, with ``views`` ``train_views`` and with
+    ``tta`` ``val_flip`` and ``test_flip``."""
+    expected = {name: len(part) for name, part in splits.items()}
+    if views:
+        expected["train_views"] = len(splits["train"]) * views
+    if tta:
+        expected.update(val_flip=len(splits["val"]), test_flip=len(splits["test"]))
+    cached = {}
+    for name, rows in expected.items():
+        cached[name] = load_features(features, name)
+        if len(cached[name]) != rows:
+            raise DataError(f"{features}/{name}.npy has {len(cached[name])} rows, not the "
+                            f"{rows} these params need: run 'dvc repro features'.")
+    return cached
+
+
 def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, features: Path,
                outputs: VariantPaths, dropout: float, l1: float, l2: float) -> str:
     """Train a head (``Dropout(dropout)`` when > 0, ``L1L2(l1, l2)`` when either is > 0) on the
@@ -36,31 +56,37 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
     setup = prepare_training(params)
     class_names = load_classes(trimmed)
     splits = load_splits(split)
-    cached = {name: load_features(features, name) for name in splits}
-    for name, part in splits.items():
-        if len(cached[name]) != len(part):
-            raise DataError(f"{features}/{name}.npy has {len(cached[name])} rows but the "
-                            f"{name} manifest {len(part)}: run 'dvc repro features'.")
+    config = params.features
+    cached = load_cache(features, splits, views=config.views, tta=config.tta)
+    train_x = np.concatenate([cached["train"]] + ([cached["train_views"]] if config.views
+                                                  else []))
+    train_y = np.tile(splits["train"].labels, config.views + 1)
     with setup.strategy.scope():
-        head = build_head(cached["train"].shape[1], len(class_names), dropout=dropout, l1=l1,
-                          l2=l2)
+        head = build_head(train_x.shape[1], len(class_names), dropout=dropout, l1=l1, l2=l2)
     with variant_run(params, variant, split, setup,
                      {"backbone": params.backbone}) as run:
         with setup.strategy.scope():
-            history = fit(head, (cached["train"], splits["train"].labels),
-                          (cached["val"], splits["val"].labels), epochs=params.epochs,
-                          learning_rate=params.learning_rate, optimizer=params.optimizer,
-                          lr_schedule=params.lr_schedule, patience=params.patience,
-                          num_classes=len(class_names), batch_size=params.batch_size,
-                          train_examples=len(splits["train"]), on_epoch=run.log_epoch,
-                          seed=params.seed)
-        test_probs = predict_array(head, cached["test"])
-        val_probs = predict_array(head, cached["val"])
+            history = fit(head, (train_x, train_y), (cached["val"], splits["val"].labels),
+                          epochs=params.epochs, learning_rate=params.learning_rate,
+                          optimizer=params.optimizer, lr_schedule=params.lr_schedule,
+                          patience=params.patience, num_classes=len(class_names),
+                          batch_size=params.batch_size, train_examples=len(train_x),
+                          on_epoch=run.log_epoch, seed=params.seed)
+
+        def probabilities(name: str) -> np.ndarray:
+            plain = predict_array(head, cached[name])
+            if not config.tta:
+                return plain
+            return (plain + predict_array(head, cached[f"{name}_flip"])) / 2
+
+        test_probs, val_probs = probabilities("test"), probabilities("val")
         test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
         validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
         # Built under the precision policy, so fine-tuning it trains in that precision too.
-        extractor = build_feature_extractor(params.backbone, params.weights, params.image_size)
-        classifier = build_image_classifier(extractor, head)
+        extractor = build_feature_extractor(params.backbone, params.weights,
+                                            crop_size(params.image_size, config.crop))
+        classifier = build_image_classifier(extractor, head, image_size=params.image_size,
+                                            tta=config.tta)
         example = example_images(trimmed, splits["test"], 2)
         drift = float(np.max(np.abs(predict_array(classifier, example) - test_probs[:2])))
         # The features were extracted in float32; a float16 backbone differs by more.

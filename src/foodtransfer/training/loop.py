@@ -79,12 +79,36 @@ def make_optimizer(name: str, learning_rate: float, *, schedule: str = "none", e
     return OPTIMIZERS[name](learning_rate=rate)
 
 
+@keras.saving.register_keras_serializable(package="foodtransfer")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy against integer labels smoothed towards the uniform distribution
+    (Keras' sparse cross-entropy has no label smoothing)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float,
+                 name: str = "smoothed_sparse_crossentropy", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(
+            keras.ops.one_hot(labels, self.num_classes), y_pred,
+            label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "label_smoothing": self.label_smoothing}
+
+
 def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                       num_classes: int) -> None:
-    """Sparse cross-entropy on the softmax output, accuracy and top-5 accuracy."""
+                       num_classes: int, label_smoothing: float = 0.0) -> None:
+    """Cross-entropy on the softmax output (labels smoothed by ``label_smoothing``),
+    accuracy and top-5 accuracy."""
     model.compile(
         optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
+        loss=(SmoothedSparseCrossentropy(num_classes, label_smoothing) if label_smoothing
+              else "sparse_categorical_crossentropy"),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
@@ -104,13 +128,17 @@ def array_dataset(x, y, batch_size: int, *, shuffle: bool = False, seed: int = 0
 
 def fit(model: keras.Model, train: Any, validation: Any, *, epochs: int, learning_rate: float,
         optimizer: str, lr_schedule: str, patience: int, num_classes: int, batch_size: int,
-        train_examples: int, first_epoch: int = 1, on_epoch=None, seed: int = 0) -> History:
+        train_examples: int, first_epoch: int = 1, on_epoch=None, seed: int = 0,
+        label_smoothing: float = 0.0, dataset_spans_epochs: bool = False) -> History:
     """Compile ``model`` (the only place a classifier is compiled) and train it with early
     stopping on validation loss, best weights restored. ``train``/``validation`` are tf.data
-    datasets of ``batch_size`` batches, or in-memory ``(x, y)`` tuples."""
+    datasets of ``batch_size`` batches, or in-memory ``(x, y)`` tuples;
+    ``dataset_spans_epochs``: ``train`` holds every epoch's batches one after the other (a
+    different augmented view per epoch), each epoch taking its share."""
     steps = hyperrule.steps_per_epoch(train_examples, batch_size)
     compile_classifier(model, make_optimizer(optimizer, learning_rate, schedule=lr_schedule,
-                                             epochs=epochs, steps_per_epoch=steps), num_classes)
+                                             epochs=epochs, steps_per_epoch=steps), num_classes,
+                       label_smoothing)
     history = History()
     callbacks: list[keras.callbacks.Callback] = [
         EpochRecorder(history, first_epoch, on_epoch),
@@ -125,5 +153,5 @@ def fit(model: keras.Model, train: Any, validation: Any, *, epochs: int, learnin
         train = array_dataset(*train, batch_size, shuffle=True, seed=seed)
         validation = array_dataset(*validation, batch_size)
     model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks,
-              shuffle=False, verbose=0)
+              shuffle=False, verbose=0, steps_per_epoch=steps if dataset_spans_epochs else None)
     return history
