@@ -1,0 +1,181 @@
+"""The augmented-view caches: views are seeded and of the right shape; validation and test
+features are never augmented (only mirrored, with TTA); and fine-tuning on the cached bottom's
+output of a view gives what full passes over the same view give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from foodtransfer.data.augment import (augmented_view, augmented_views, center_crop, crop_size,
+                                       flip, view_transform)
+from foodtransfer.data.images import ImageStoreWriter
+from foodtransfer.data.manifests import load_splits
+from foodtransfer.models.classifiers import (build_feature_extractor, build_head,
+                                             build_image_classifier, get_backbone_model,
+                                             split_frozen_bottom, unfreeze_top)
+from foodtransfer.models.inference import predict_array
+from foodtransfer.stages.features import extract_features, feature_files
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+IMAGE, SIZE = 40, 32  # stored images, backbone input (crop 0.8)
+
+
+def random_images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, IMAGE, IMAGE, 3), np.uint8)
+
+
+# ----------------------------------------------------------------------------------- views
+def test_views_are_seeded_sized_and_differ() -> None:
+    images = random_images(3)
+    indices = np.array([5, 9, 11])
+    first = augmented_views(images, indices, SIZE, seed=42, view=1)
+    assert first.shape == (3, SIZE, SIZE, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, augmented_views(images, indices, SIZE, 42, 1))
+    # Each image's view depends on its store index, not on its batch or position.
+    np.testing.assert_array_equal(first[1], augmented_view(images[1], SIZE, 42, 9, 1))
+    assert not np.array_equal(first, augmented_views(images, indices, SIZE, 43, 1))
+    assert not np.array_equal(first, augmented_views(images, indices, SIZE, 42, 2))
+    assert not np.array_equal(first, augmented_views(images, indices + 1, SIZE, 42, 1))
+    plain = center_crop(images, SIZE)
+    assert not np.array_equal(first, plain)  # a view is not the plain crop
+
+
+def test_centre_crop_and_flip() -> None:
+    images = random_images(2)
+    crop = center_crop(images, SIZE)
+    offset = (IMAGE - SIZE) // 2
+    np.testing.assert_array_equal(crop, images[:, offset:offset + SIZE, offset:offset + SIZE])
+    np.testing.assert_array_equal(flip(crop)[:, :, 0], crop[:, :, -1])
+    assert crop_size(256, 0.875) == 224 and crop_size(40, 0.8) == SIZE
+    # The deployed model's CenterCrop layer takes the same pixels.
+    layer = keras.layers.CenterCrop(SIZE, SIZE)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images.astype("float32"))),
+                                  crop.astype("float32"))
+
+
+# --------------------------------------------------------------------------- feature cache
+@pytest.fixture(scope="module")
+def trimmed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trimmed store and split manifests: 6 train, 3 val (train store), 4 test."""
+    root = tmp_path_factory.mktemp("augment")
+    for store, count in (("train", 9), ("test", 4)):
+        with ImageStoreWriter(root / f"{store}.npy", IMAGE) as writer:
+            for image in random_images(count, seed=len(store)):
+                writer.append(image)
+    rows = {"train": ("train", range(6)), "val": ("train", range(6, 9)),
+            "test": ("test", range(4))}
+    for name, (store, indices) in rows.items():
+        pd.DataFrame({"store": store, "index": list(indices),
+                      "image_id": [f"{name}/{i}" for i in indices],
+                      "class_name": "a", "label": [i % 2 for i in indices]}).to_csv(
+            root / f"{name}.csv", index=False)
+    (root / "classes.json").write_text(json.dumps(["a", "b"]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    keras.utils.set_random_seed(1)
+    return build_feature_extractor("MobileNetV2", "none", SIZE)
+
+
+def features_of(extractor, images: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(extractor(images.astype("float32"), training=False))
+
+
+def store_images(trimmed: Path, split) -> np.ndarray:
+    return np.load(trimmed / f"{split.stores[0]}.npy")[split.indices]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_feature_cache_augments_only_training_images(trimmed: Path, extractor, tmp_path: Path,
+                                                     tta: bool) -> None:
+    splits = load_splits(trimmed)
+    files = feature_files(splits, IMAGE, SIZE, views=2, tta=tta, seed=42)
+    out = tmp_path / "features"
+    extract_features(extractor, trimmed, files, out, metadata={}, show_progress=False)
+    expected = {"train", "val", "test", "train_views"} | ({"val_flip", "test_flip"} if tta
+                                                         else set())
+    assert {path.stem for path in out.glob("*.npy")} == expected
+    scale = 1.0
+    for name in ("train", "val", "test"):
+        images = store_images(trimmed, splits[name])
+        plain = features_of(extractor, center_crop(images, SIZE))
+        scale = float(np.abs(plain).max())
+        np.testing.assert_allclose(np.load(out / f"{name}.npy") / scale, plain / scale,
+                                   atol=1e-4)
+        if tta and name != "train":
+            mirrored = features_of(extractor, flip(center_crop(images, SIZE)))
+            np.testing.assert_allclose(np.load(out / f"{name}_flip.npy") / scale,
+                                       mirrored / scale, atol=1e-4)
+    train = splits["train"]
+    images = store_images(trimmed, train)
+    views = np.load(out / "train_views.npy")
+    assert views.shape == (2 * len(train), extractor.output_shape[-1])
+    for view in (1, 2):  # view by view, each row its image's view
+        augmented = augmented_views(images, train.indices, SIZE, 42, view)
+        rows = views[(view - 1) * len(train):view * len(train)]
+        np.testing.assert_allclose(rows / scale, features_of(extractor, augmented) / scale,
+                                   atol=1e-4)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["files"]["train_views"] == 2 * len(train)
+
+
+def test_the_same_seed_gives_the_same_cache(trimmed: Path, extractor, tmp_path: Path) -> None:
+    splits = load_splits(trimmed)
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        extract_features(extractor, trimmed, feature_files(splits, IMAGE, SIZE, views=1,
+                                                           seed=seed),
+                         tmp_path / name, metadata={}, show_progress=False)
+    a, b, c = (np.load(tmp_path / name / "train_views.npy") for name in "abc")
+    np.testing.assert_array_equal(a, b)
+    # Random-weight features are tiny (~1e-13): compare relative to their scale.
+    assert np.abs(a - c).max() > 1e-2 * np.abs(a).max()
+
+
+# ----------------------------------------------------------- fine-tune on the cached bottom
+def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tmp_path: Path
+                                                               ) -> None:
+    """The finetune stage's cache of a view's frozen-bottom output, through the trainable top,
+    gives the full image model's probabilities on that same view (to 1e-4)."""
+    from foodtransfer.stages.finetune import cached_bottom_model
+    from foodtransfer.training.distribute import make_strategy
+
+    keras.utils.set_random_seed(2)
+    splits = load_splits(trimmed)
+    extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+    head = build_head(extractor.output_shape[-1], 2)
+    model = build_image_classifier(extractor, head, image_size=IMAGE, tta=True)
+    unfreeze_top(get_backbone_model(model), 5)
+    bottom, top = split_frozen_bottom(get_backbone_model(model))
+    trainable = cached_bottom_model(model, bottom, top, trimmed, splits, tmp_path,
+                                    make_strategy("auto"), views=2, seed=42)
+    cache = np.load(tmp_path / "train.npy")
+    train = splits["train"]
+    assert len(cache) == 3 * len(train)  # the plain image, then 2 views
+    images = store_images(trimmed, train)
+    plain = center_crop(images, SIZE)
+    for view, inputs in enumerate([plain] + [augmented_views(images, train.indices, SIZE, 42, v)
+                                             for v in (1, 2)]):
+        rows = cache[view * len(train):(view + 1) * len(train)]
+        full = keras.ops.convert_to_numpy(head(extractor(inputs.astype("float32"))))
+        np.testing.assert_allclose(predict_array(trainable, rows), full, atol=1e-4)
+    val = np.load(tmp_path / "val.npy")
+    full_val = keras.ops.convert_to_numpy(head(extractor(
+        center_crop(store_images(trimmed, splits["val"]), SIZE).astype("float32"))))
+    np.testing.assert_allclose(predict_array(trainable, val), full_val, atol=1e-4)
+
+
+def test_view_transform_reads_like_the_function() -> None:
+    images = random_images(2)
+    transform = view_transform(SIZE, 42, 3)
+    np.testing.assert_array_equal(transform(images, np.array([4, 8])),
+                                  augmented_views(images, np.array([4, 8]), SIZE, 42, 3))
