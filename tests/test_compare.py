@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from foodtransfer.compare import (CompareError, check_data_versions, experiments_frame,
-                                  experiments_markdown, group, select)
+                                  experiments_markdown, filter_params, group, select)
 
 _clock = itertools.count(1)
 
@@ -126,3 +126,18 @@ def test_compare_without_a_store_is_one_clear_error(tmp_path, monkeypatch) -> No
     assert result.exit_code == 2
     assert "foodtransfer compare: error: There is no MLflow store" in result.output
     assert not (tmp_path / "mlruns").exists()  # nothing created
+
+
+def test_where_keeps_the_runs_with_those_param_values() -> None:
+    runs = [make_run("a", dropout=0.6), make_run("b", dropout=0.3, seed=2),
+            make_run("c", dropout=0.60, seed=3)]
+    executions, _ = select(runs, [], "e")
+    assert [e.run_id for e in filter_params(executions, ["dropout=0.6"])] == ["a", "c"]
+    assert [e.run_id for e in filter_params(executions, ["dropout=0.3", "seed=2"])] == ["b"]
+    with pytest.raises(CompareError, match=r"no compared run has a param 'dropuot' \(did you "
+                                           r"mean 'dropout'\?\)"):
+        filter_params(executions, ["dropuot=0.6"])
+    with pytest.raises(CompareError, match="is not key=value"):
+        filter_params(executions, ["dropout"])
+    with pytest.raises(CompareError, match="no pipeline run matches dropout=0.9"):
+        filter_params(executions, ["dropout=0.9"])

@@ -93,6 +93,9 @@ def compare(
         None, "--experiment", help="MLflow experiment (default: mlflow.experiment in params)."),
     data_version: str | None = typer.Option(
         None, "--data-version", help="Only the runs on this data version (a prefix is enough)."),
+    where: list[str] = typer.Option(
+        None, "--where", metavar="KEY=VALUE",
+        help="Only the runs with this param value, e.g. --where features.views=2 (repeatable)."),
     out: Path = typer.Option(Path("reports"), "--out",
                              help="Where experiments.md, .csv and .png go."),
     params: Path = typer.Option(Path("params.yaml"),
@@ -104,7 +107,8 @@ def compare(
         from foodtransfer.compare import compare as compare_runs
 
         name = experiment or _params_or_defaults(params).mlflow.experiment
-        summary = compare_runs(list(experiments or []), name, out, data_version)
+        summary = compare_runs(list(experiments or []), name, out, data_version,
+                               list(where or []))
     typer.echo(f"compare: {summary}")
 
 

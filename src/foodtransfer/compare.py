@@ -15,6 +15,7 @@ that failed or are still running are listed as such, never averaged.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import tempfile
@@ -188,6 +189,34 @@ def group(executions: list[Execution]) -> tuple[list[Group], list[str]]:
     return list(groups.values()), swept
 
 
+def _same_value(given: str, logged: str | None) -> bool:
+    if logged is None:
+        return False
+    try:
+        return float(given) == float(logged)
+    except ValueError:
+        return given == logged
+
+
+def filter_params(executions: list[Execution], where: list[str]) -> list[Execution]:
+    """The executions whose params match every ``key=value`` of ``where`` (numbers compare
+    as numbers: 0.6 matches 0.60)."""
+    for condition in where:
+        key, sign, value = condition.partition("=")
+        if not sign or not key:
+            raise CompareError(f"--where {condition!r} is not key=value (e.g. --where "
+                               "features.views=2).")
+        known = {name for e in executions for name in e.params}
+        if executions and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise CompareError(f"--where {condition!r}: no compared run has a param {key!r}"
+                               + (f" (did you mean {close[0]!r}?)" if close else "") + ".")
+        executions = [e for e in executions if _same_value(value, e.params.get(key))]
+    if not executions:
+        raise CompareError(f"no pipeline run matches {' and '.join(where)}.")
+    return executions
+
+
 def check_data_versions(executions: list[Execution], data_version: str | None
                         ) -> list[Execution]:
     if data_version is not None:
@@ -323,10 +352,10 @@ def comparison_metrics(frame: pd.DataFrame, swept: list[str]) -> dict[str, float
 
 # --------------------------------------------------------------------------------- entry
 def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
-            log_run: bool = True) -> str:
-    """Compare the pipeline executions ``names`` (all when empty) of ``experiment``; write
-    ``out/experiments.{md,csv,png}`` and log them as a ``comparison`` run. Returns a
-    one-line summary."""
+            where: list[str] | None = None, log_run: bool = True) -> str:
+    """Compare the pipeline executions ``names`` (all when empty) of ``experiment`` whose
+    params match ``where`` (``key=value``); write ``out/experiments.{md,csv,png}`` and log
+    them as a ``comparison`` run. Returns a one-line summary."""
     import mlflow
 
     from foodtransfer import plots
@@ -342,6 +371,8 @@ def compare(names: list[str], experiment: str, out: Path, data_version: str | No
                   if unfinished else "")
         raise CompareError(f"no finished pipeline run to compare in the MLflow experiment "
                            f"{experiment!r}{detail}: run 'dvc repro' or 'dvc exp run' first.")
+    if where:
+        executions = filter_params(executions, where)
     executions = check_data_versions(executions, data_version)
     groups, swept = group(executions)
     with tempfile.TemporaryDirectory() as cache:
