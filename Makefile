@@ -6,16 +6,30 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+
+# TensorFlow for this machine: the GPU build (tensorflow[and-cuda]) when `nvidia-smi -L` lists
+# an NVIDIA GPU, the CPU build otherwise; `make install GPU=1` or `GPU=0` chooses. The stamp
+# records the choice: another choice re-installs.
+GPU ?= $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo 1 || echo 0)
+ifeq ($(filter 0 1,$(GPU)),)
+$(error GPU=$(GPU): use GPU=1 (tensorflow[and-cuda]) or GPU=0 (tensorflow-cpu))
+endif
+TF_BUILD := $(if $(filter 1,$(GPU)),gpu,cpu)
+STAMP := $(VENV)/.installed-$(TF_BUILD)
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro repro-sample seeds test test-fast ui bench clean
+.PHONY: install repro repro-sample seeds test test-fast ui bench bench-gpu clean
 
 $(STAMP): pyproject.toml
+	@echo "foodtransfer: TensorFlow for the $(if $(filter 1,$(GPU)),GPU: tensorflow[and-cuda],CPU: tensorflow-cpu) (GPU=$(GPU); make install GPU=0|1 chooses)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	if ls $(VENV)/.installed* >/dev/null 2>&1 && [ ! -e $(STAMP) ]; then \
+	  echo "foodtransfer: switching TensorFlow builds: removing the installed one"; \
+	  $(BIN)/python -m pip uninstall --quiet -y tensorflow tensorflow-cpu; \
+	  rm -f $(VENV)/.installed*; fi
+	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_BUILD)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,3 +63,8 @@ ui: $(STAMP)
 # `make bench`: the side-by-side speed and memory benchmark (bench/benchmark.py, ~45 min on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python bench/benchmark.py
+
+# `make bench-gpu`: the whole pipeline at the reference size, per-stage time and GPU load
+# (bench/gpu.py; on a GPU machine, where `make install` put tensorflow[and-cuda]).
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import shlex
+import signal
+import socket
+import subprocess
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +124,65 @@ def loopback_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> I
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------- server processes
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Until ``url`` answers 200; fails early (with the process's output) if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"{process.args} exited with {process.returncode}:\n{output}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to the process and its children (its own session), SIGKILL if they linger."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
+    if process.stdout:
+        process.stdout.close()
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], url: str, **kwargs: Any) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a server) in its own session until ``url`` answers; stop it and its
+    children when the block ends, also on failure."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, **kwargs)
+    try:
+        wait_for_http(url, process)
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type":
+                                                              "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())

@@ -24,7 +24,8 @@ from foodtransfer.config import Params, parse_params
 from foodtransfer.errors import ConfigError
 from foodtransfer.models.classifiers import build_baseline, build_head
 from foodtransfer.training import distribute
-from foodtransfer.training.distribute import (CPU_PRECISION_WARNING, STRATEGIES, make_strategy,
+from foodtransfer.training.distribute import (CPU_PRECISION_WARNING, STRATEGIES,
+                                              choose_precision, make_strategy,
                                               set_precision_policy)
 from foodtransfer.training.loop import fit
 
@@ -91,7 +92,7 @@ def assert_trained(result: dict) -> None:
 
 def test_defaults() -> None:
     params = parse_params({})
-    assert params.strategy == "auto" and params.mixed_precision is False
+    assert params.strategy == "auto" and params.mixed_precision == "auto"
     assert STRATEGIES == ("auto", "mirrored", "multi_worker")
 
 
@@ -109,12 +110,13 @@ def test_unknown_strategy_names_the_key_the_value_and_the_allowed_ones() -> None
         assert text in message, (text, message)
 
 
-def test_mixed_precision_must_be_true_or_false() -> None:
+def test_mixed_precision_must_be_auto_true_or_false() -> None:
     with pytest.raises(ConfigError) as info:
         parse_params({"mixed_precision": "maybe"})
     message = str(info.value)
     assert "mixed_precision = 'maybe'" in message and "wrong type" in message
-    assert "true or false" in message
+    assert "true/false or 'auto'" in message
+    assert parse_params({"mixed_precision": False}).mixed_precision is False
 
 
 def test_a_misspelt_key_suggests_strategy() -> None:
@@ -168,7 +170,9 @@ def test_mirrored_over_two_logical_cpus_trains_a_head() -> None:
     assert_trained(result["second"])
     assert [device.lower()[-5:] for device in result["devices"]] == ["cpu:0", "cpu:1"]
     assert result["variable_type"] == "MirroredVariable"
-    assert result["record"] == {"replicas": 2, "precision_policy": "float32"}
+    assert result["record"]["replicas"] == 2
+    assert result["record"]["precision_policy"] == "float32"
+    assert result["record"]["device"].startswith("CPU (")
     assert result["auto_replicas"] == 1
     assert_trained(result)
 
@@ -248,38 +252,47 @@ def restore_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def fake_gpus(monkeypatch, count: int) -> None:
-    import tensorflow as tf
-
-    real = tf.config.list_physical_devices
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: (
-        [f"GPU:{i}" for i in range(count)] if kind == "GPU" else real(kind)))
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)}
+T4 = {"name": "Tesla T4", "compute_capability": (7, 5)}
+K80 = {"name": "Tesla K80", "compute_capability": (3, 7)}
 
 
-def test_mixed_precision_on_cpu_warns_and_stays_float32(monkeypatch, caplog,
-                                                        restore_policy) -> None:
-    fake_gpus(monkeypatch, 0)
+@pytest.mark.parametrize(("setting", "gpus", "policy"), [
+    ("auto", [], "float32"), ("auto", [H100], "mixed_float16"),
+    ("auto", [T4, H100], "mixed_float16"), ("auto", [K80], "float32"),
+    ("auto", [H100, K80], "float32"),  # every GPU must have tensor cores
+    (True, [K80], "mixed_float16"), (True, [H100], "mixed_float16"),
+    (False, [H100], "float32"), (False, [], "float32")])
+def test_precision_choice(setting, gpus, policy) -> None:
+    assert choose_precision(setting, gpus) == (policy, None)
+
+
+def test_mixed_precision_on_cpu_warns_and_stays_float32(caplog, restore_policy) -> None:
+    assert choose_precision(True, []) == ("float32", CPU_PRECISION_WARNING)
     with caplog.at_level(logging.WARNING, logger=distribute.__name__):
-        assert set_precision_policy(True) == "float32"
+        assert set_precision_policy(True, gpus=[]) == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
     assert [record.getMessage() for record in caplog.records] == [CPU_PRECISION_WARNING]
     assert "ignored on CPU" in CPU_PRECISION_WARNING and "float32" in CPU_PRECISION_WARNING
 
 
-def test_mixed_precision_off_is_float32_without_a_warning(monkeypatch, caplog,
-                                                          restore_policy) -> None:
-    fake_gpus(monkeypatch, 1)
+def test_auto_on_this_machine_and_the_device_name(caplog, restore_policy) -> None:
+    """The real GPU list of this machine (none in CI): auto is float32, silently."""
+    gpus = distribute.visible_gpus()
     with caplog.at_level(logging.WARNING, logger=distribute.__name__):
-        assert set_precision_policy(False) == "float32"
-    assert keras.mixed_precision.global_policy().name == "float32"
+        policy = set_precision_policy("auto")
+    assert policy == ("mixed_float16" if gpus and all(
+        tuple(g["compute_capability"]) >= (7, 0) for g in gpus) else "float32")
     assert caplog.records == []
+    name = distribute.device_name(gpus)
+    assert name.startswith("CPU (") if not gpus else name
+    assert distribute.device_name([H100, H100]) == "2 x NVIDIA H100 80GB HBM3"
 
 
-def test_mixed_precision_with_a_gpu_sets_mixed_float16(monkeypatch, restore_policy) -> None:
-    fake_gpus(monkeypatch, 1)
-    assert set_precision_policy(True) == "mixed_float16"
+def test_a_gpu_policy_is_set_and_unset(restore_policy) -> None:
+    assert set_precision_policy(True, gpus=[H100]) == "mixed_float16"
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
-    assert set_precision_policy(False) == "float32"  # and back, for the next stage in-process
+    assert set_precision_policy(False, gpus=[H100]) == "float32"  # back, for the next stage
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
@@ -312,4 +325,4 @@ def test_params_yaml_documents_the_defaults() -> None:
 
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.strategy == Params().strategy == "auto"
-    assert params.mixed_precision is Params().mixed_precision is False
+    assert params.mixed_precision == Params().mixed_precision == "auto"

@@ -153,6 +153,21 @@ def test_bad_params_stop_the_real_stage_within_seconds(case: str, tmp_path: Path
 
 # ------------------------------------------------------------------------- download faults
 
+def test_a_stage_without_tensorflow_says_how_to_install_it(tmp_path: Path) -> None:
+    """`pip install -e .` installs no TensorFlow (it is the cpu or gpu extra): a stage run in
+    such an environment says so in one line, not with a traceback."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(VALID))
+    code = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+            f"sys.argv = ['features.py', *{stage_args('features')!r}]; "
+            f"runpy.run_path({str(REPO_ROOT / 'pipeline' / 'features.py')!r}, "
+            "run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "features: error: TensorFlow is not installed" in result.stderr
+    assert "make install" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_dns_failure_is_one_clear_error(tmp_path: Path) -> None:
     # .invalid is reserved (RFC 2606): it never resolves, and fails without network traffic.
     url = "http://food101.invalid/food-101.tar.gz"

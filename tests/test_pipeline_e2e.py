@@ -61,12 +61,15 @@ def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = merge_params(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Not FOODTRANSFER_PROGRESS either: the stages print progress lines as in any log.
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_"))}
+           if not key.startswith(("MLFLOW_", "DVC_", "FOODTRANSFER_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               FOODTRANSFER_PROGRESS="0", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
-               DVC_NO_ANALYTICS="1")
+               DVC_NO_ANALYTICS="1",
+               # Tiny stages last seconds: sample the system metrics every second.
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["dvc", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
@@ -113,6 +116,23 @@ def test_repro_runs_every_stage_then_nothing(pipeline):
     assert stages_run(pipeline["second"].stdout) == set()
     for stage in ALL_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in pipeline["second"].stdout
+
+
+def test_progress_in_a_log_is_whole_lines_at_a_bounded_rate(pipeline):
+    output = pipeline["first"].stdout + pipeline["first"].stderr
+    assert "\r" not in output  # no redrawn bars in a log
+    assert len(output.splitlines()) < 400
+    for stage in ("baseline", "transfer", "dropout", "finetune"):
+        assert re.search(rf"^{stage}: epoch 1/\d+( \(\d+ overall\))?: loss \d\.\d{{3}}, "
+                         r"accuracy \d\.\d{3}, val_loss \d\.\d{3}, val_accuracy \d\.\d{3}, "
+                         r"lr [\d.e-]+, \d+\.\d\d s/epoch(, ETA <= \d+ (s|min \d\d s))?$",
+                         output, re.M), stage
+        assert re.search(rf"^{stage}: kept the weights of epoch \d+, the best on validation",
+                         output, re.M), stage
+    for stage, what in (("trim", "decoded images"), ("features", "train images"),
+                        ("finetune", "frozen-bottom cache")):
+        assert re.search(rf"^{stage}: {what}: (\d+)/\1 images \(100 %\), [\d.]+ images/s, "
+                         r"done in \d+ s$", output, re.M), (stage, what)
 
 
 def test_a_code_edit_makes_exactly_its_stages_stale(pipeline):
@@ -240,12 +260,14 @@ def test_logged_model_predicts_raw_images(pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     try:
         _, _, runs = mlflow_runs(repo)
-        images = ImageStore(repo / "data/trimmed/test.npy").read([0, 1, 2]).astype("float32")
+        images = ImageStore(repo / "data/trimmed/test.npy").read([0, 1, 2])  # uint8
         for run_ in runs[:4]:
             model = mlflow.pyfunc.load_model(run_.data.tags["model_uri"])
-            probabilities = model.predict(images)
+            probabilities = model.predict(images)  # as decoded: uint8
             assert list(probabilities.columns) == TINY["data"]["classes"]
             np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-4)
+            np.testing.assert_allclose(model.predict(images.astype("float32")).to_numpy(),
+                                       probabilities.to_numpy(), atol=1e-6)
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -363,7 +385,7 @@ def test_champion_is_the_best_variant_by_validation_accuracy(pipeline):
     finally:
         mlflow.set_tracking_uri(None)
     size = TINY["image_size"]  # raw images in: the preprocessing is inside the model
-    assert tuple(info.signature.inputs.inputs[0].shape) == (-1, size, size, 3)
+    assert info.metadata["image_size"] == size and info.signature.inputs is None
     assert [spec.name for spec in info.signature.outputs.inputs] == TINY["data"]["classes"]
     assert info.saved_input_example_info is not None
 
@@ -405,6 +427,46 @@ def test_predict_cli_with_the_champion(pipeline, tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert "foodtransfer predict: error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --------------------------------------------------------------------------- the MLflow UI
+def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
+    """`foodtransfer ui` on the project's store, read back as the browser reads it (REST):
+    a model-training experiment, runs with datasets and descriptions, system metrics."""
+    from conftest import free_port, http_json, server_process
+
+    repo, env = pipeline["repo"], pipeline["env"]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "foodtransfer"), "ui", "--port", str(port)]
+    with server_process(command, f"{base}/health", cwd=repo, env=env):
+        experiment = http_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?"
+                               "experiment_name=e2e")["experiment"]
+        tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = http_json(f"{base}/api/2.0/mlflow/runs/search",
+                         {"experiment_ids": [experiment["experiment_id"]],
+                          "filter": "tags.run_kind = 'variant'", "max_results": 100})["runs"]
+        assert {run["info"]["run_name"] for run in runs} == set(VARIANTS)
+        from foodtransfer.data.manifests import data_version
+
+        version = data_version(repo / "data" / "split")
+        for run in runs:
+            run_tags = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
+            name = run["info"]["run_name"]
+            note = run_tags["mlflow.note.content"]
+            assert note.startswith(f"{name}: ") and "Test accuracy" in note, note
+            assert re.search(r"best epoch \d+ of \d+", note), note
+            assert run_tags["device"].startswith("CPU (")
+            inputs = run["inputs"]["dataset_inputs"]
+            contexts = {next(t["value"] for t in item["tags"]
+                             if t["key"] == "mlflow.data.context"): item["dataset"]["name"]
+                        for item in inputs}
+            assert contexts == {"training": f"train-{version}",
+                                "validation": f"val-{version}", "test": f"test-{version}"}
+            metrics = {metric["key"] for metric in run["data"]["metrics"]}
+            assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"
+                    } <= metrics, (name, sorted(metrics))
 
 
 # ------------------------------------------------------------- seeds, sweeps and compare

@@ -144,8 +144,9 @@ class Params(Section):
     # Where training runs (foodtransfer.training.distribute): one device, all GPUs, or
     # several machines.
     strategy: StrategyName = "auto"
-    # float16 compute with float32 variables and softmax, on GPUs only (off on CPU).
-    mixed_precision: bool = False
+    # float16 compute with float32 variables and softmax: auto (on GPUs of compute capability
+    # 7.0 or more, float32 elsewhere), true (on any GPU; ignored on CPU) or false.
+    mixed_precision: bool | Literal["auto"] = "auto"
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     baseline: BaselineConfig = BaselineConfig()

@@ -125,7 +125,7 @@ def check_store(model_uri: str) -> None:
 
 
 def input_size(model_uri: str) -> tuple[int, int]:
-    """(height, width) of the images the model takes, from its logged signature."""
+    """(height, width) of the images the model takes, from its metadata (or signature)."""
     import mlflow
     from mlflow.models import get_model_info
 
@@ -145,6 +145,10 @@ def input_size(model_uri: str) -> tuple[int, int]:
             f"cannot load the model {model_uri} from {store.tracking_uri()}: "
             f"{_short(error)}.{hint} Use runs:/<run_id>/model, models:/<name>@<alias>, "
             "models:/<name>/<version>, models:/<model_id> or a local model folder.") from error
+    side = (info.metadata or {}).get("image_size")
+    if side is not None:
+        return int(side), int(side)
+    # Models logged before the metadata: the input schema says it.
     signature = info.signature
     shape = None
     if signature is not None and signature.inputs is not None:
@@ -153,7 +157,7 @@ def input_size(model_uri: str) -> tuple[int, int]:
             shape = tuple(specs[0].shape)
     if shape is None or len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
         raise ModelLoadError(
-            f"the model {model_uri} has no image signature (n, height, width, 3) (found "
+            f"the model {model_uri} has no image size in its metadata or signature (found "
             f"{shape}): it is not a foodtransfer image classifier.")
     return int(shape[1]), int(shape[2])
 
@@ -178,7 +182,7 @@ def probabilities(model, images: np.ndarray, batch_size: int = PREDICT_BATCH):
 
     frames = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].astype("float32")
+        batch = images[start:start + batch_size]  # uint8, as decoded
         with _quiet():
             frames.append(model.predict(batch))
     return pd.concat(frames, ignore_index=True)

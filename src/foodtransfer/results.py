@@ -8,9 +8,11 @@ MLflow run id) and the model folder. The same numbers and files go to the varian
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +72,28 @@ def predictions_csv(split: Split, predicted: np.ndarray, probabilities: np.ndarr
     return buffer.getvalue()
 
 
+def description(what: str, metrics: dict[str, Any]) -> str:
+    """A variant run's one-paragraph description: what it is, how it scored."""
+    low, high = metrics.get("test_accuracy_ci_low"), metrics.get("test_accuracy_ci_high")
+    interval = f" [{low:.3f}, {high:.3f}] (95 % bootstrap interval)" if low is not None else ""
+    return (f"{what} Test accuracy {metrics['test_accuracy']:.3f}{interval}, top-5 "
+            f"{metrics['test_top5_accuracy']:.3f}, macro F1 {metrics['test_macro_f1']:.3f}; "
+            f"validation accuracy {metrics['best_val_accuracy']:.3f} at its best epoch "
+            f"{metrics['best_epoch']} of {metrics['epochs_run']} trained; "
+            f"{metrics.get('trainable_params', 0):,} of {metrics.get('total_params', 0):,} "
+            "parameters trained.")
+
+
 def write_results(variant: str, paths: VariantPaths, class_names: list[str], run, *,
                   history: History, test: Evaluation, validation: Evaluation,
                   probabilities: dict[str, np.ndarray], splits: dict[str, Split],
-                  extra: dict[str, Any],
+                  extra: dict[str, Any], what: str,
                   curve_rows: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Write the metrics file, the plots and the artifacts of ``variant`` and log them to
     ``run`` (a :class:`foodtransfer.tracking.runs.TrackedRun`); returns the metrics.
     ``probabilities`` and ``splits`` hold the "test" and "val" predictions and images: the
-    test predictions are a DVC plot, the validation ones an artifact (for paired tests)."""
+    test predictions are a DVC plot, the validation ones an artifact (for paired tests).
+    ``what`` says in a sentence what the variant is (the run's description starts with it)."""
     best_epoch = history.best_epoch()
     metrics: dict[str, Any] = {
         **test.metrics, **validation.metrics,
@@ -112,6 +127,7 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
     for name in ("history.csv", "predictions.csv"):
         run.log_artifact(paths.plots / name, "dvc_plots")
     run.log_artifact(paths.metrics, "dvc_metrics")
+    run.describe(description(what, metrics))
     return metrics
 
 
@@ -135,21 +151,25 @@ def summary(metrics: dict[str, Any], history: History) -> str:
             f"{history.seconds_per_epoch:.2f} s/epoch")
 
 
+@contextlib.contextmanager
 def variant_run(params: Params, variant: str, split_dir: Path, setup: TrainingSetup,
-                tags: dict[str, str] | None = None):
-    """The MLflow run of ``variant`` (a context manager; see
-    :func:`foodtransfer.tracking.runs.tracked_run`), with the full params, and the data
-    version, the training setup and ``tags`` as tags."""
+                tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """The MLflow run of ``variant`` (see :func:`foodtransfer.tracking.runs.tracked_run`): the
+    full params, the data version, the training setup and ``tags`` as tags, the split
+    manifests as its datasets, and the machine's load as system metrics."""
     from foodtransfer.tracking.runs import tracked_run
 
-    return tracked_run(params.mlflow.experiment, variant, "variant", flatten(params),
-                       {"variant": variant, "data_version": data_version(split_dir),
-                        **setup.tags(), **(tags or {})})
+    version = data_version(split_dir)
+    with tracked_run(params.mlflow.experiment, variant, "variant", flatten(params),
+                     {"variant": variant, "data_version": version, **setup.tags(),
+                      **(tags or {})}, system_metrics=True) as run:
+        run.log_split_manifests(split_dir, version)
+        yield run
 
 
 def finish_image_model(variant: str, model, history: History, trimmed: Path,
                        splits: dict[str, Split], class_names: list[str], run,
-                       paths: VariantPaths, extra: dict[str, Any],
+                       paths: VariantPaths, extra: dict[str, Any], what: str,
                        curve_rows: list[dict[str, float]] | None = None) -> str:
     """Evaluate an image model (raw images in) on validation and test, write and log its
     results and save it; returns the stage's summary line."""
@@ -165,7 +185,7 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
     metrics = write_results(variant, paths, class_names, run, history=history, test=test,
                             validation=validation,
                             probabilities={"test": test_probs, "val": val_probs},
-                            splits=splits, curve_rows=curve_rows,
+                            splits=splits, curve_rows=curve_rows, what=what,
                             extra={**extra, "total_params": total,
                                    "trainable_params": trainable})
     save_model(model, class_names, paths, run, example_images(trimmed, splits["test"]))

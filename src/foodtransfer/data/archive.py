@@ -233,7 +233,7 @@ def extract(archive: Path, destination: Path, classes: list[str] | None, *,
     with atomic_dir(destination) as tmp:
         try:
             with tarfile.open(archive, mode="r|gz") as tar, progress(
-                desc="extract", unit=" files", enabled=show_progress
+                desc="extract", unit="files", enabled=show_progress
             ) as bar:
                 for member in tar:
                     if not member.isfile():

@@ -88,7 +88,7 @@ def build_sample_archive(destination: Path, classes: list[str], config: SampleCo
     with atomic_file(destination, "wb") as raw, \
             gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w|", format=tarfile.GNU_FORMAT) as tar, \
-            progress(total=per_class * len(classes), desc="sample images", unit=" img",
+            progress(total=per_class * len(classes), desc="sample images", unit="images",
                      enabled=show_progress) as bar:
         for class_index, class_name in enumerate(classes):
             rng = np.random.default_rng(_class_seed(seed, class_name))

@@ -37,6 +37,11 @@ def run(params: Params, trimmed: Path, split: Path, outputs: VariantPaths) -> st
                           lr_schedule=params.lr_schedule, patience=params.patience,
                           num_classes=len(class_names), batch_size=batch,
                           train_examples=len(splits["train"]), on_epoch=run.log_epoch)
+        what = (f"baseline: a small CNN trained from scratch on the images (resized to "
+                f"{config.image_size} px{', augmented' if config.augment else ''}), no "
+                f"ImageNet weights; untrained it scores {untrained.metrics['test_accuracy']:.3f}"
+                " on test (chance).")
         return finish_image_model(
             "baseline", model, history, trimmed, splits, class_names, run, outputs,
-            {"untrained_test_accuracy": untrained.metrics["test_accuracy"], **setup.record()})
+            {"untrained_test_accuracy": untrained.metrics["test_accuracy"], **setup.record()},
+            what)

@@ -81,7 +81,7 @@ def extract_features(extractor, trimmed_dir: Path, files: list[FeatureFile], out
     with atomic_dir(out_dir) as tmp:
         for entry in files:
             count = len(entry.split) * len(entry.transforms)
-            with progress(total=count, desc=f"features {entry.name}", unit=" img",
+            with progress(total=count, desc=f"{entry.name} images", unit="images",
                           enabled=show_progress) as bar, \
                     NpyWriter(tmp / f"{entry.name}.npy", (dim,), "float32") as writer:
                 for transform in entry.transforms:
@@ -99,7 +99,9 @@ def run(params: Params, trimmed: Path, split: Path, out: Path, metrics: Path) ->
     import keras
 
     from foodtransfer.models.classifiers import build_feature_extractor
+    from foodtransfer.training.distribute import configure_gpus
 
+    configure_gpus()
     config = params.features
     size = crop_size(params.image_size, config.crop)
     # The backbone's initial weights when weights=none: part of the data, like the split, so

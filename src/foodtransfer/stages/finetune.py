@@ -26,6 +26,7 @@ from foodtransfer.errors import DataError
 from foodtransfer.models.classifiers import (augmentation, get_backbone_model,
                                              split_frozen_bottom, unfreeze_top)
 from foodtransfer.models.inference import compile_forward, write_outputs
+from foodtransfer.progress import progress
 from foodtransfer.results import (VariantPaths, finish_image_model, read_history,
                                   variant_run)
 from foodtransfer.training import hyperrule
@@ -51,12 +52,15 @@ def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Spl
     forward = compile_forward(keras.Model(image, bottom(x, training=False),
                                           name="frozen_bottom"))
     plain = crop_transform(size) if size != model.input_shape[1] else None
-    write_outputs(forward, trimmed, splits["val"], scratch / "val.npy", transform=plain)
-    with NpyWriter(scratch / "train.npy", forward.output_shape, "float32") as writer:
-        for transform in [plain] + [view_transform(size, seed, view)
-                                    for view in range(1, views + 1)]:
-            write_outputs(forward, trimmed, splits["train"], writer.path, transform=transform,
-                          append=writer)
+    total = len(splits["val"]) + len(splits["train"]) * (views + 1)
+    with progress(total=total, desc="frozen-bottom cache", unit="images") as bar:
+        write_outputs(forward, trimmed, splits["val"], scratch / "val.npy", bar.update,
+                      transform=plain)
+        with NpyWriter(scratch / "train.npy", forward.output_shape, "float32") as writer:
+            for transform in [plain] + [view_transform(size, seed, view)
+                                        for view in range(1, views + 1)]:
+                write_outputs(forward, trimmed, splits["train"], writer.path, bar.update,
+                              transform=transform, append=writer)
     with strategy.scope():
         cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
         outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
@@ -121,5 +125,13 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
                               label_smoothing=config.label_smoothing,
                               dataset_spans_epochs=parts is not None)
         # The full image model shares every layer with the trained one: evaluate and log it.
+        what = (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
+                f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "
+                f"{config.epochs} epochs at learning rate "
+                f"{hyperrule.finetune_learning_rate(params.learning_rate, config.lr_scale):g} "
+                f"({config.lr_schedule} schedule)"
+                + (f" on {config.views} cached augmented views per image" if config.views
+                   and parts is not None else "") + ".")
         return finish_image_model("finetune", model, history, trimmed, splits, class_names,
-                                  run, outputs, extra, curve_rows=start_rows + history.rows)
+                                  run, outputs, extra, what,
+                                  curve_rows=start_rows + history.rows)

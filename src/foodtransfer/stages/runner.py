@@ -94,6 +94,13 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     except UserError as error:
         typer.secho(f"{name}: error: {error}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "tensorflow":
+            raise
+        typer.secho(f"{name}: error: TensorFlow is not installed in {sys.prefix}: run 'make "
+                    "install' (it picks the CPU or GPU build), or pip install -e '.[cpu]' "
+                    "(or '.[gpu]').", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     except Terminated as error:
         typer.secho(f"{name}: {error}; partial outputs removed", err=True, fg=typer.colors.RED)
         raise typer.Exit(143) from None

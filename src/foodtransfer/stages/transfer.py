@@ -94,10 +94,18 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
         if drift > tolerance:
             log.warning("image model and cached-feature head disagree by %.2g", drift)
         total, trainable = parameter_counts(classifier)
+        regularised = (f" with Dropout({dropout:g}) and an L1L2({l1:g}, {l2:g}) kernel "
+                       "regulariser" if dropout or l1 or l2 else "")
+        what = (f"{variant}: a softmax head{regularised} on the cached features of the frozen "
+                f"ImageNet {params.backbone} ({crop_size(params.image_size, config.crop)} px"
+                + (" centre crop" if config.crop < 1 else "")
+                + (f", {config.views} augmented views per training image" if config.views
+                   else "")
+                + (", mirror-averaged predictions" if config.tta else "") + ").")
         metrics = write_results(variant, outputs, class_names, run, history=history, test=test,
                                 validation=validation,
                                 probabilities={"test": test_probs, "val": val_probs},
-                                splits=splits,
+                                splits=splits, what=what,
                                 extra={"total_params": total, "trainable_params": trainable,
                                        "head_params": parameter_counts(head)[0],
                                        "feature_model_drift": drift, **setup.record()})

@@ -127,7 +127,7 @@ def trim(raw_dir: Path, out_dir: Path, *, classes: list[str] | Literal["all"],
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
                                initargs=(os.getpid(),))
     with atomic_dir(out_dir) as tmp, pool, \
-            progress(total=total, desc="decode", unit=" img", enabled=show_progress) as bar:
+            progress(total=total, desc="decoded images", unit="images", enabled=show_progress) as bar:
         for split in SPLITS:
             rows = []
             with ImageStoreWriter(tmp / f"{split}.npy", image_size) as writer:

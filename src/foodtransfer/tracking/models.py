@@ -1,8 +1,13 @@
 """Logging a trained image classifier to MLflow as a pyfunc model, and that pyfunc itself.
 
-The pyfunc takes raw RGB images as a float32 (or uint8) array ``(n, image_size, image_size, 3)``
-with pixels in 0..255 (the backbone's preprocessing is inside the Keras model) and returns a
-DataFrame of class probabilities, one column per class name, rows summing to 1.
+The pyfunc takes raw RGB images as they come from a decoder, ``uint8`` or float (any numeric
+dtype), shape ``(n, image_size, image_size, 3)`` or one image ``(image_size, image_size, 3)``,
+pixels in 0..255 (the backbone's preprocessing is inside the Keras model), and returns a
+DataFrame of class probabilities, one column per class name, rows summing to 1. Its signature
+therefore declares the outputs only (MLflow would refuse a ``uint8`` batch against a float32
+input schema); the input's size is in the model's metadata (``image_size``), and the pyfunc
+checks every input itself: a bad one is an MLflow "invalid parameter" error (HTTP 400 from
+``mlflow models serve``) that says what it expected.
 """
 
 from __future__ import annotations
@@ -23,22 +28,42 @@ DIRECT_CALL_MAX = 8
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run_id>/model
 
 
+def as_image_batch(model_input: Any, side: int) -> np.ndarray:
+    """``model_input`` as a float32 batch ``(n, side, side, 3)``, or an MLflow invalid-input
+    error that says what was expected and what came."""
+    from mlflow.exceptions import MlflowException
+
+    expected = f"(n, {side}, {side}, 3) or one image ({side}, {side}, 3), RGB pixels 0..255"
+    try:
+        images = np.asarray(model_input)
+        if images.dtype.kind not in "uif":  # not numbers: strings, objects, ragged lists
+            raise ValueError(f"values of type {images.dtype}")
+        images = images.astype("float32")
+    except (TypeError, ValueError) as error:
+        raise MlflowException.invalid_parameter_value(
+            f"expected images {expected} as numbers, got {error}") from None
+    if images.ndim == 3:
+        images = images[None]
+    if images.shape[1:] != (side, side, 3) or not len(images):
+        raise MlflowException.invalid_parameter_value(
+            f"expected images {expected}, got an array of shape {images.shape}")
+    if not np.isfinite(images).all():
+        raise MlflowException.invalid_parameter_value("the images hold NaN or infinite values")
+    return images
+
+
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
+
+        import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
         with open(context.artifacts["class_names"]) as handle:
             self.class_names = json.load(handle)
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
-        images = np.asarray(model_input, dtype="float32")
-        if images.ndim == 3:
-            images = images[None]
-        expected = tuple(self.model.input_shape[1:])
-        if images.shape[1:] != expected:
-            raise ValueError(f"expected images of shape (n, {', '.join(map(str, expected))}) "
-                             f"with RGB pixels in 0..255, got {images.shape}")
+    def predict(self, context, model_input: Any, params=None) -> pd.DataFrame:
+        images = as_image_batch(model_input, int(self.model.input_shape[1]))
         if len(images) <= DIRECT_CALL_MAX:
             # A few images: a direct call skips building Keras' predict function (seconds).
             probabilities = np.asarray(self.model(images, training=False))
@@ -80,22 +105,27 @@ def pip_requirements() -> list[str]:
 def log_model(model_path: Path, class_names_path: Path, example: Any) -> str:
     """Log the saved Keras model to the active run as a pyfunc (raw RGB 0..255 in, a DataFrame
     of class probabilities out) with its signature and an input example; returns its URI."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     import foodtransfer
     from foodtransfer.tracking.store import retry_on_lock
 
-    # The output schema is known without running the model: one float32 column per class.
+    # The output schema is known without running the model: one float32 column per class. No
+    # input schema: the images may be uint8 or float (see the module's docstring).
     class_names = json.loads(Path(class_names_path).read_text())
     output = pd.DataFrame(np.full((len(example), len(class_names)), 1 / len(class_names),
                                   dtype="float32"), columns=class_names)
-    signature = infer_signature(example, output)
+    signature = ModelSignature(inputs=None, outputs=infer_signature(example, output).outputs)
+    side = int(example.shape[1])
     with _quiet_mlflow():
         info = retry_on_lock(mlflow.pyfunc.log_model)(
             name=MODEL_NAME, python_model=ImageClassifierModel(),  # unloaded: pickles small
             artifacts={"keras_model": str(model_path), "class_names": str(class_names_path)},
             code_paths=[str(Path(foodtransfer.__file__).parent)],
             pip_requirements=pip_requirements(),
-            signature=signature, input_example=example,
+            signature=signature, input_example=np.clip(example, 0, 255).astype("uint8"),
+            metadata={"image_size": side, "classes": len(class_names),
+                      "input": f"RGB images, uint8 or float, pixels 0..255: (n, {side}, "
+                               f"{side}, 3) or ({side}, {side}, 3)"},
         )
     return info.model_uri

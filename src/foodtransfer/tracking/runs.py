@@ -68,6 +68,22 @@ class TrackedRun:
 
         retry_on_lock(mlflow.set_tags)(tags)
 
+    def describe(self, text: str) -> None:
+        """The run's description in MLflow's UI (markdown)."""
+        self.set_tags({NOTE_TAG: text[:7900]})
+
+    def log_split_manifests(self, split_dir: Path, data_version: str) -> None:
+        """The split manifests as MLflow datasets (the UI's Datasets column and run page):
+        ``train-<data version>`` (context training), ``val-...`` (validation), ``test-...``."""
+        import mlflow
+        import pandas as pd
+
+        for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+            frame = pd.read_csv(split_dir / f"{split}.csv")
+            dataset = mlflow.data.from_pandas(frame, source=str(split_dir / f"{split}.csv"),
+                                              name=f"{split}-{data_version}", targets="label")
+            retry_on_lock(mlflow.log_input)(dataset, context=context)
+
     def log_model(self, model_path: Path, class_names_path: Path, example: Any) -> str:
         """Log the saved Keras model as this run's pyfunc model; tag and return its URI."""
         from foodtransfer.tracking.models import log_model
@@ -98,13 +114,33 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     return ended
 
 
+# System metrics (CPU, memory, disk, network; GPU where nvidia-ml-py finds one) of training
+# runs: sampled every SYSTEM_METRICS_INTERVAL seconds and logged at once, in MLflow's "System
+# metrics" tab. MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off, and MLflow's
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets another interval.
+SYSTEM_METRICS_INTERVAL = 5.0
+
+
+def _system_metrics_setting() -> bool | None:
+    """True, or None where the user set MLflow's own variable (MLflow then reads it)."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") is not None:
+        return None
+    if os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") is None:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    return True
+
+
 @contextlib.contextmanager
 def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
-                tags: dict[str, str]) -> Iterator[TrackedRun]:
-    """Open the MLflow run ``name`` of ``kind`` ("variant" or "pipeline") in ``experiment``
-    with ``params`` and ``tags`` (plus git commit, DVC experiment name, host and process). It
-    ends FINISHED, or FAILED on any exception; runs that killed processes left RUNNING are
-    ended as KILLED first."""
+                tags: dict[str, str], *, system_metrics: bool = False) -> Iterator[TrackedRun]:
+    """Open the MLflow run ``name`` of ``kind`` ("variant", "pipeline" or "comparison") in
+    ``experiment`` with ``params`` and ``tags`` (plus git commit, DVC experiment name, host
+    and process), sampling the machine's load while it runs when ``system_metrics``. It ends
+    FINISHED, or FAILED on any exception; runs that killed processes left RUNNING are ended
+    as KILLED first."""
     import mlflow
 
     end_orphaned_runs(connect(experiment))
@@ -115,7 +151,9 @@ def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
     if os.environ.get("DVC_EXP_NAME"):
         all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     all_tags.update(tags)
-    run = retry_on_lock(mlflow.start_run)(run_name=name, tags=all_tags)
+    run = retry_on_lock(mlflow.start_run)(
+        run_name=name, tags=all_tags,
+        log_system_metrics=_system_metrics_setting() if system_metrics else False)
     status = "FAILED"
     try:
         retry_on_lock(mlflow.log_params)({k: ("null" if v is None else v)

@@ -90,6 +90,10 @@ def _check_default_store(store: Path) -> None:
         ) from error
 
 
+# MLflow's UI opens an experiment without a kind on its GenAI traces view: mark ours as model
+# training, so it opens on the runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 # For the check in connect() only: one try, with a short timeout, instead of MLflow's default
 # of 7 retries with exponential backoff, which takes minutes to report an unreachable server.
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -162,13 +166,16 @@ def connect(experiment: str) -> str:
             found = retry_on_lock(client.get_experiment_by_name)(experiment)
             if found is not None:
                 experiment_id = found.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():  # an experiment of an older version
+                    if found.tags.get(key) != value:
+                        retry_on_lock(client.set_experiment_tag)(experiment_id, key, value)
             else:
                 location = None
                 if not custom:
                     location = (default_store_dir() / "artifacts").as_uri()
                 try:
                     experiment_id = retry_on_lock(client.create_experiment)(
-                        experiment, artifact_location=location)
+                        experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
                 except Exception:  # created meanwhile by a parallel run
                     found = retry_on_lock(client.get_experiment_by_name)(experiment)
                     if found is None:

@@ -1,5 +1,6 @@
 """Where training runs and in which precision: TensorFlow's own ``tf.distribute`` strategies
-chosen by the ``strategy`` param, and Keras' global dtype policy chosen by ``mixed_precision``.
+chosen by the ``strategy`` param, Keras' global dtype policy chosen by ``mixed_precision``,
+and the GPUs' settings (memory growth) and names.
 
 - ``auto``: TensorFlow's default strategy (one device), or ``MirroredStrategy`` over every GPU
   when more than one is visible.
@@ -141,23 +142,72 @@ def _created(kind: str, devices: tuple[str, ...] | None) -> tf.distribute.Strate
     return tf.distribute.MirroredStrategy(list(devices) if devices is not None else None)
 
 
-def set_precision_policy(mixed_precision: bool) -> str:
-    """Set Keras' global dtype policy for the models built next and return its name.
-
-    ``mixed_float16`` (float16 compute, float32 variables; the softmax outputs of
-    :mod:`foodtransfer.models` stay float32) when ``mixed_precision`` is true and a GPU is
-    visible; otherwise ``float32``, with one warning when mixed precision was asked for on a
-    machine without a GPU (CPUs gain nothing from float16).
-    """
-    import keras
+def visible_gpus() -> list[dict[str, Any]]:
+    """Name and compute capability of each GPU TensorFlow sees."""
     import tensorflow as tf
 
-    policy = FLOAT_POLICY
-    if mixed_precision:
-        if tf.config.list_physical_devices("GPU"):
-            policy = MIXED_POLICY
-        else:
-            log.warning(CPU_PRECISION_WARNING)
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append({"name": details.get("device_name", gpu.name),
+                     "compute_capability": details.get("compute_capability")})
+    return gpus
+
+
+def configure_gpus() -> None:
+    """GPU memory growth on: TensorFlow takes GPU memory as it needs it, instead of all of it
+    at start (other processes, a second stage, the MLflow UI can share the GPU). Call before
+    anything runs on a GPU."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: its setting stays
+            pass
+
+
+def device_name(gpus: list[dict[str, Any]]) -> str:
+    """What trains: ``NVIDIA H100 80GB HBM3``, ``2 x NVIDIA A100-SXM4-40GB`` or
+    ``CPU (2 cores, <model>)``."""
+    if gpus:
+        name = gpus[0]["name"]
+        return f"{len(gpus)} x {name}" if len(gpus) > 1 else name
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"CPU ({os.cpu_count()} cores{', ' + model if model else ''})"
+
+
+def choose_precision(setting: bool | str, gpus: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(Keras dtype policy, warning or None) for the ``mixed_precision`` param on a machine
+    with ``gpus``: ``auto`` is float16 compute where every GPU has compute capability 7.0 or
+    more (tensor cores), float32 otherwise; ``true`` on any GPU (a warning without one: CPUs
+    gain nothing from float16); ``false`` float32."""
+    if setting is False:
+        return FLOAT_POLICY, None
+    if setting is True:
+        return (MIXED_POLICY, None) if gpus else (FLOAT_POLICY, CPU_PRECISION_WARNING)
+    capable = bool(gpus) and all(tuple(gpu.get("compute_capability") or (0, 0)) >= (7, 0)
+                                 for gpu in gpus)
+    return (MIXED_POLICY if capable else FLOAT_POLICY), None
+
+
+def set_precision_policy(mixed_precision: bool | str,
+                         gpus: list[dict[str, Any]] | None = None) -> str:
+    """Set Keras' global dtype policy for the models built next (see
+    :func:`choose_precision`; the softmax outputs of :mod:`foodtransfer.models` stay float32)
+    and return its name."""
+    import keras
+
+    policy, warning = choose_precision(mixed_precision,
+                                       visible_gpus() if gpus is None else gpus)
+    if warning:
+        log.warning(warning)
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
@@ -173,10 +223,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """How a training stage trains: its ``tf.distribute`` strategy and Keras precision policy."""
+    """How a training stage trains: its ``tf.distribute`` strategy, Keras precision policy and
+    the device(s) it runs on."""
 
     strategy: Any
     precision_policy: str
+    device: str = "unknown"
 
     @property
     def replicas(self) -> int:
@@ -184,17 +236,21 @@ class TrainingSetup:
 
     def record(self) -> dict[str, Any]:
         """What the metrics file (and, where numeric, MLflow's metrics) say about it."""
-        return {"replicas": self.replicas, "precision_policy": self.precision_policy}
+        return {"replicas": self.replicas, "precision_policy": self.precision_policy,
+                "device": self.device}
 
     def tags(self) -> dict[str, str]:
-        return {"replicas": str(self.replicas), "precision_policy": self.precision_policy}
+        return {"replicas": str(self.replicas), "precision_policy": self.precision_policy,
+                "device": self.device}
 
 
 def prepare_training(params: Params) -> TrainingSetup:
     """The strategy and precision policy of ``params``, set up before any model is built,
     and every random generator seeded."""
+    configure_gpus()
     # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow ops.
     strategy = make_strategy(params.strategy)
-    policy = set_precision_policy(params.mixed_precision)
+    gpus = visible_gpus()
+    policy = set_precision_policy(params.mixed_precision, gpus)
     seed_everything(params.seed)
-    return TrainingSetup(strategy, policy)
+    return TrainingSetup(strategy, policy, device_name(gpus))
