@@ -5,11 +5,10 @@ images, 101 classes), medians of repeats. Usage: python bench/intervals.py [--re
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+from benchmark import median_time  # bench/benchmark.py, beside this script
 from foodtransfer.evaluation import evaluate
 
 
@@ -23,15 +22,6 @@ def predictions(images: int, classes: int, accuracy: float, seed: int = 0):
     return probabilities.astype("float32"), labels
 
 
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
@@ -41,8 +31,8 @@ def main() -> None:
     for images, classes in ((400, 8), (2000, 20), (25250, 101)):
         probabilities, labels = predictions(images, classes, 0.8)
         names = [f"c{i}" for i in range(classes)]
-        plain = median_seconds(lambda: evaluate(probabilities, labels, names), args.repeats)
-        full = median_seconds(lambda: evaluate(probabilities, labels, names, intervals=True),
+        plain = median_time(lambda: evaluate(probabilities, labels, names), args.repeats)
+        full = median_time(lambda: evaluate(probabilities, labels, names, intervals=True),
                               args.repeats)
         print(f"| {images} | {classes} | {plain:.3f} s | {full:.3f} s | {full - plain:.3f} s |")
 

@@ -15,6 +15,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -133,12 +134,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
-    """Until ``url`` answers 200; fails early (with the process's output) if it exits."""
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90.0,
+                  log: Path | None = None) -> None:
+    """Until ``url`` answers 200; fails early (with the process's log) if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
+            output = log.read_text()[-5000:] if log is not None and log.exists() else ""
             raise AssertionError(f"{process.args} exited with {process.returncode}:\n{output}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
@@ -163,21 +165,32 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 20.0) -> None
             process.wait(timeout=timeout)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
-    if process.stdout:
-        process.stdout.close()
+
+
+def start_server(command: list[str], url: str, log: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start ``command`` (a server) in its own session, its output to the file ``log`` (a pipe
+    nobody reads would fill up and stall the server), and wait until ``url`` answers."""
+    with open(log, "ab") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True, **kwargs)
+    try:
+        wait_for_http(url, process, log=log)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return process
 
 
 @contextlib.contextmanager
 def server_process(command: list[str], url: str, **kwargs: Any) -> Iterator[subprocess.Popen]:
-    """Run ``command`` (a server) in its own session until ``url`` answers; stop it and its
-    children when the block ends, also on failure."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, **kwargs)
-    try:
-        wait_for_http(url, process)
-        yield process
-    finally:
-        stop_process_group(process)
+    """Run ``command`` (a server) until ``url`` answers; stop it and its children when the
+    block ends, also on failure."""
+    with tempfile.TemporaryDirectory() as folder:
+        process = start_server(command, url, Path(folder) / "server.log", **kwargs)
+        try:
+            yield process
+        finally:
+            stop_process_group(process)
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import free_port
 from foodtransfer.config import Params, parse_params
 from foodtransfer.errors import ConfigError
 from foodtransfer.models.classifiers import build_baseline, build_head
@@ -177,12 +177,6 @@ def test_mirrored_over_two_logical_cpus_trains_a_head() -> None:
     assert_trained(result)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def test_multi_worker_with_a_one_worker_tf_config_trains_a_head() -> None:
     tf_config = {"cluster": {"worker": [f"localhost:{free_port()}"]},
                  "task": {"type": "worker", "index": 0}}
@@ -326,3 +320,62 @@ def test_params_yaml_documents_the_defaults() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.strategy == Params().strategy == "auto"
     assert params.mixed_precision == Params().mixed_precision == "auto"
+
+
+# ------------------------------------------------- keras-team/keras#20585, documented
+TWO_WORKER_FIT = """
+    import json
+    import numpy as np
+    import tensorflow as tf
+    import keras
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+        model.compile("adam", "sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.arange(64) % 2)).batch(16)
+    try:
+        model.fit(dataset, epochs=1, verbose=0)
+        print(json.dumps({"trained": True}))
+    except Exception as error:
+        print(json.dumps({"trained": False, "error": f"{type(error).__name__}: {error}"[-600:]}))
+"""
+
+
+def test_two_workers_still_fail_in_keras_fit() -> None:
+    """Why `strategy: multi_worker` refuses more than one worker: Keras' model.fit fails in
+    its first step under MultiWorkerMirroredStrategy across two workers (keras-team/keras#20585;
+    two real worker processes on localhost here, plain Keras, no project code). When a Keras
+    upgrade fixes it, this test fails: then remove _check_multi_worker_fit's refusal."""
+    workers = [f"localhost:{free_port()}", f"localhost:{free_port()}"]
+    processes = []
+    try:
+        for index in range(2):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker",
+                                                                  "index": index}}
+            environment = {key: value for key, value in os.environ.items()
+                           if key != "TF_CONFIG"}
+            environment.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+                               TF_CONFIG=json.dumps(tf_config))
+            processes.append(subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(TWO_WORKER_FIT)], env=environment,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outcomes = []
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=240)
+            lines = stdout.strip().splitlines()
+            assert lines, f"a worker printed nothing (exit {process.returncode}): {stderr[-2000:]}"
+            outcomes.append(json.loads(lines[-1]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert not any(outcome["trained"] for outcome in outcomes), (
+        "model.fit trained under MultiWorkerMirroredStrategy with two workers: "
+        "keras-team/keras#20585 looks fixed in this Keras; allow several workers again "
+        "(foodtransfer.training.distribute._check_multi_worker_fit) and update the README.")
+    for outcome in outcomes:
+        assert "PerReplica" in outcome["error"] and "to a Tensor" in outcome["error"], outcome

@@ -3,6 +3,9 @@
 - ``foodtransfer predict IMAGE_OR_DIR... [--model-uri URI] [--top-k 5] [--json]``: the top-k
   classes of each image, by default with the registry's champion.
 - ``foodtransfer compare [EXPERIMENT...]``: pipeline runs aggregated over seeds and sweeps.
+- ``foodtransfer serve [--model-uri URI] [--port 5001]``: the champion over HTTP (MLflow's
+  scoring server, localhost).
+- ``foodtransfer export [--out DIR]``: the champion as a TensorFlow SavedModel (TF Serving).
 - ``foodtransfer ui [--port 5000]``: the MLflow UI on this project's store, on localhost.
 
 Errors a user can fix print one line (``foodtransfer <command>: error: ...``) and exit with
@@ -112,6 +115,51 @@ def compare(
     typer.echo(f"compare: {summary}")
 
 
+@app.command()
+def serve(
+    model_uri: str | None = typer.Option(
+        None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
+    port: int = typer.Option(5001, min=1, max=65535, help="Port on 127.0.0.1."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the default model's registry name is read."),
+) -> None:
+    """Serve the champion over HTTP (MLflow's scoring server, on localhost): POST
+    {"inputs": images} to /invocations; /ping says it is up."""
+    from foodtransfer.serving import serve_command, serve_environment
+
+    host = "127.0.0.1"
+    with _user_errors("serve"):
+        uri = model_uri or _default_model_uri(params)
+        if not _port_free(host, port):
+            raise UserError(f"port {port} on {host} is in use: pass --port {port + 1}.")
+        command = serve_command(uri, host, port)
+    typer.echo(f"serving {uri} at http://{host}:{port}/invocations (POST {{\"inputs\": "
+               "images}; /ping; Ctrl-C stops it)")
+    raise typer.Exit(_run_until_stopped(command, env=serve_environment()))
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(Path("models/export/food101"), "--out",
+                             help="Model folder for TF Serving: the version goes in a subfolder."),
+    model_uri: str | None = typer.Option(
+        None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the default model's registry name is read."),
+) -> None:
+    """Write the champion as a TensorFlow SavedModel that TF Serving loads."""
+    prepare_tensorflow()
+    with _user_errors("export"):
+        from foodtransfer.serving import export_saved_model, tf_serving_hint
+
+        uri = model_uri or _default_model_uri(params)
+        target = export_saved_model(uri, out)
+    typer.echo(f"exported {uri} to {target} (signature 'serve': float32 images "
+               "(n, size, size, 3), pixels 0..255 -> class probabilities; class names in "
+               "assets.extra/classes.json)")
+    typer.echo(tf_serving_hint(out))
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -147,9 +195,9 @@ def ui(
     raise typer.Exit(_run_until_stopped(command))
 
 
-def _run_until_stopped(command: list[str]) -> int:
+def _run_until_stopped(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``command`` in the foreground; Ctrl-C or SIGTERM stops it (and its workers)."""
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
     try:
         return process.wait()

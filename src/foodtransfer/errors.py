@@ -26,3 +26,7 @@ class DataError(UserError):
 
 class TrackingError(UserError):
     """The MLflow tracking store cannot be used."""
+
+
+class ServerLostError(TrackingError):
+    """The MLflow tracking server stopped answering in the middle of a stage."""

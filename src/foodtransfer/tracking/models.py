@@ -62,7 +62,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["class_names"]) as handle:
             self.class_names = json.load(handle)
 
-    def predict(self, context, model_input: Any, params=None) -> pd.DataFrame:
+    # model_input has no type hint on purpose: MLflow would try to turn it into a signature.
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_batch(model_input, int(self.model.input_shape[1]))
         if len(images) <= DIRECT_CALL_MAX:
             # A few images: a direct call skips building Keras' predict function (seconds).

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from foodtransfer.atomic import process_alive
-from foodtransfer.errors import TrackingError
-from foodtransfer.tracking.store import connect, project_root, retry_on_lock, tracking_uri
+from foodtransfer.errors import ServerLostError, TrackingError
+from foodtransfer.tracking.store import (_fail_fast_http, connect, project_root, retry_on_lock,
+                                         tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,18 @@ class TrackedRun:
     def log_split_manifests(self, split_dir: Path, data_version: str) -> None:
         """The split manifests as MLflow datasets (the UI's Datasets column and run page):
         ``train-<data version>`` (context training), ``val-...`` (validation), ``test-...``."""
+        import warnings
+
         import mlflow
         import pandas as pd
 
         for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
             frame = pd.read_csv(split_dir / f"{split}.csv")
-            dataset = mlflow.data.from_pandas(frame, source=str(split_dir / f"{split}.csv"),
-                                              name=f"{split}-{data_version}", targets="label")
+            with warnings.catch_warnings():  # MLflow's hints on integer columns, local sources
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_pandas(
+                    frame, source=str(split_dir / f"{split}.csv"),
+                    name=f"{split}-{data_version}", targets="label")
             retry_on_lock(mlflow.log_input)(dataset, context=context)
 
     def log_model(self, model_path: Path, class_names_path: Path, example: Any) -> str:
@@ -160,8 +166,18 @@ def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
                                           for k, v in params.items()})
         yield TrackedRun(run.info.run_id)
         status = "FINISHED"
+    except ServerLostError:
+        # The server is gone: it cannot be told; the run stays RUNNING there until the next
+        # stage on this host ends it as KILLED (end_orphaned_runs).
+        status = "LOST"
+        raise
     finally:
-        retry_on_lock(mlflow.end_run)(status=status)
+        if status == "LOST":
+            # One try, failing at once: it forgets the run locally (so nothing retries at exit).
+            with _fail_fast_http(tracking_uri()), contextlib.suppress(Exception):
+                mlflow.end_run(status="FAILED")
+        else:
+            retry_on_lock(mlflow.end_run)(status=status)
         log.info("MLflow run %s (%s) %s in %s", run.info.run_id, name, status.lower(),
                  tracking_uri())
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from foodtransfer.errors import TrackingError
+from foodtransfer.errors import ServerLostError, TrackingError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,18 +54,33 @@ def _is_locked(error: BaseException) -> bool:
 
 
 def retry_on_lock(function: Callable[..., T], attempts: int = 12) -> Callable[..., T]:
-    """Retry an MLflow call that failed on SQLite's writer lock (parallel `dvc queue` runs)."""
+    """Retry an MLflow call that failed on SQLite's writer lock (parallel `dvc queue` runs);
+    a tracking server that stopped answering becomes one clear TrackingError."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return function(*args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as error:
+            if lost_server(error):
+                raise ServerLostError(
+                    f"The MLflow tracking server {tracking_uri()} stopped answering "
+                    f"({type(error).__name__}). The stage stopped without writing its outputs; "
+                    "start the server again and re-run it (dvc repro).") from error
+            raise
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         for attempt in range(attempts - 1):
             try:
-                return function(*args, **kwargs)
+                return call(*args, **kwargs)
             except Exception as error:  # MLflow wraps sqlite3.OperationalError variously
                 if not _is_locked(error):
                     raise
                 time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-        return function(*args, **kwargs)  # the last attempt: its error reaches the caller
+        return call(*args, **kwargs)  # the last attempt: its error reaches the caller
 
     return wrapper
 
@@ -97,22 +112,45 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # For the check in connect() only: one try, with a short timeout, instead of MLflow's default
 # of 7 retries with exponential backoff, which takes minutes to report an unreachable server.
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Afterwards, during the stage: a server that stops answering (refuses connections) fails it
+# within seconds (3 retries 1, 2 and 4 s apart) instead of MLflow's minutes of retries, while a
+# restart of a few seconds passes unnoticed; 60 s per request leave room for large uploads.
+# A user's own MLflow variables win.
+STAGE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+_APPLIED: set[str] = set()  # the STAGE_HTTP variables connect() set (the others are the user's)
+LOST_SERVER_SIGNS = ("max retries exceeded", "connection refused", "connectionerror",
+                     "failed to establish a new connection", "remotedisconnected",
+                     "connection aborted", "read timed out", "connection reset")
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def lost_server(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server does not answer (not: it refused a call)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return is_http(tracking_uri()) and any(sign in text for sign in LOST_SERVER_SIGNS)
 
 
 @contextlib.contextmanager
 def _fail_fast_http(uri: str) -> Iterator[None]:
     """While connect() checks a tracking server, let MLflow try each request once (unless the
-    user set these variables); later logging keeps MLflow's retries for passing outages."""
-    added = [name for name in FAIL_FAST_HTTP if name not in os.environ]
-    if uri.startswith(("http://", "https://")):
-        for name in added:
-            os.environ[name] = FAIL_FAST_HTTP[name]
+    user set these variables); later calls get STAGE_HTTP's bounded retries."""
+    saved = {name: os.environ.get(name) for name in FAIL_FAST_HTTP}
+    if is_http(uri):
+        for name, value in FAIL_FAST_HTTP.items():
+            if name not in os.environ or name in _APPLIED:  # not the user's own setting
+                os.environ[name] = value
     try:
         yield
     finally:
-        if uri.startswith(("http://", "https://")):
-            for name in added:
+        for name, value in saved.items():
+            if value is None:
                 os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -182,7 +220,11 @@ def connect(experiment: str) -> str:
                         raise
                     experiment_id = found.experiment_id
             mlflow.set_experiment(experiment_id=experiment_id)
-            return experiment_id
+    except ServerLostError as error:
+        raise TrackingError(
+            f"Cannot use the MLflow tracking store {uri} ({error.__cause__}). Check "
+            "MLFLOW_TRACKING_URI (unset it to use the project's mlruns/ store) and the server."
+        ) from error
     except TrackingError:
         raise
     except Exception as error:
@@ -191,6 +233,12 @@ def connect(experiment: str) -> str:
             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlruns/ store), the "
             "server, and the permissions of mlruns/."
         ) from error
+    if is_http(uri):
+        for name, value in STAGE_HTTP.items():
+            if name not in os.environ:
+                os.environ[name] = value
+                _APPLIED.add(name)
+    return experiment_id
 
 
 

@@ -1,0 +1,86 @@
+"""The champion beyond Python: ``foodtransfer serve`` (MLflow's scoring server over HTTP) and
+``foodtransfer export`` (a TensorFlow SavedModel for TF Serving).
+
+The served model is the logged pyfunc: POST ``/invocations`` with ``{"inputs": images}``
+(a nested list ``(n, image_size, image_size, 3)`` of RGB pixels 0..255) returns
+``{"predictions": [{class: probability, ...}, ...]}``; ``/ping`` answers 200 when it is up; a
+bad request (wrong shape, not numbers) is a 400 with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from foodtransfer.predict import ModelLoadError, check_store, input_size
+from foodtransfer.tracking import store
+
+
+def serve_command(model_uri: str, host: str, port: int) -> list[str]:
+    """The ``mlflow models serve`` command for ``model_uri`` in this environment (no new
+    virtualenv: ``--env-manager local``), after checking that the model resolves."""
+    input_size(model_uri)  # a clear error now rather than from the server's start-up
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "--host", host, "--port", str(port)]
+
+
+def serve_environment() -> dict[str, str]:
+    """The server's environment: this project's tracking store, to resolve models:/ URIs."""
+    import os
+
+    return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri()}
+
+
+def _registered_version(model_uri: str) -> str | None:
+    """The registry version a ``models:/<name>@<alias>`` or ``models:/<name>/<n>`` URI
+    names, else None."""
+    import mlflow
+
+    if not model_uri.startswith("models:/"):
+        return None
+    name_and_rest = model_uri[len("models:/"):]
+    client = mlflow.MlflowClient()
+    if "@" in name_and_rest:
+        name, alias = name_and_rest.split("@", 1)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = name_and_rest.partition("/")
+    return version if version.isdigit() else None
+
+
+def export_saved_model(model_uri: str, out: Path) -> Path:
+    """Write the Keras model inside the pyfunc ``model_uri`` as a TensorFlow SavedModel
+    (Keras ``model.export``: a ``serve`` signature from float32 images 0..255 to class
+    probabilities) into ``out/<version>/`` (the registry version, or 1), with the class names
+    in ``assets.extra/classes.json``, atomically. Returns that folder."""
+    import keras
+    import mlflow
+
+    import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
+    from foodtransfer.atomic import atomic_dir
+
+    check_store(model_uri)
+    mlflow.set_tracking_uri(store.tracking_uri())
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        artifacts = mlflow.models.Model.load(local).flavors["python_function"]["artifacts"]
+        keras_path = local / artifacts["keras_model"]["path"]
+        class_names = json.loads((local / artifacts["class_names"]["path"]).read_text())
+        version = _registered_version(model_uri) or "1"
+    except (KeyError, OSError, mlflow.exceptions.MlflowException) as error:
+        raise ModelLoadError(f"cannot read the model {model_uri}: {error}. Is it a "
+                             "foodtransfer model (models:/<name>@champion, runs:/<id>/model)?"
+                             ) from error
+    model = keras.saving.load_model(keras_path, compile=False)
+    target = out / version
+    with atomic_dir(target) as tmp:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / "classes.json").write_text(json.dumps(class_names) + "\n")
+    return target
+
+
+def tf_serving_hint(out: Path, name: str = "food101") -> str:
+    return (f"TF Serving: docker run -p 8501:8501 -v {out.resolve()}:/models/{name} -e "
+            f"MODEL_NAME={name} tensorflow/serving, then POST {{\"instances\": images}} to "
+            f"http://localhost:8501/v1/models/{name}:predict")

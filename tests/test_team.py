@@ -1,0 +1,265 @@
+"""Team scale for real, on loopback: a real `mlflow server` (SQLite backend, proxied artifacts)
+that the tiny pipeline logs to, a local-directory DVC remote with a bare git remote between
+three clones, and the server stopped in the middle of a stage.
+
+A: runs the pipeline against the server, pushes (git and DVC), runs and pushes an experiment.
+B: clones, `dvc pull`s the same outputs (nothing to re-run), pulls the experiment.
+C: clones and runs `dvc exp run --pull`: upstream outputs come from the remote, not recomputed;
+   its report looks up the reused variants' runs (their ids in pulled artifacts) on the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port, start_server, stop_process_group
+from test_pipeline_e2e import TINY, VARIANTS, make_repo, run, stages_run
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+class TrackingServer:
+    """`mlflow server` on a loopback port, restartable on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.command = [str(BIN / "mlflow"), "server",
+                        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                        "--serve-artifacts", "--artifacts-destination",
+                        (root / "artifacts").as_uri(),
+                        "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = start_server(self.command, f"{self.url}/health",
+                                    self.root / "server.log", cwd=self.root)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+            self.process = None
+
+
+def client_for(server: TrackingServer):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=server.url)
+
+
+def git(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return run(["git", *args], repo, env)
+
+
+def checksums(repo: Path) -> dict[str, str]:
+    """md5 of every file of the pipeline's outputs (what DVC tracks and the metrics files)."""
+    sums = {}
+    for folder in ("data/split", "data/features", "metrics", "plots"):
+        for path in sorted((repo / folder).rglob("*")):
+            if path.is_file():
+                sums[str(path.relative_to(repo))] = hashlib.md5(path.read_bytes()).hexdigest()
+    return sums
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("team")
+    server = TrackingServer(root / "server")
+    server.start()
+    try:
+        (root / "a").mkdir()
+        a, env = make_repo(root / "a", TINY)
+        # SQLite behind the server has one writer: sample system metrics every 5 s, not 1 s.
+        env = {**env, "MLFLOW_TRACKING_URI": server.url,
+               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
+        remote, origin = root / "dvc-remote", root / "origin.git"
+        run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, env)
+        git(a, env, "remote", "add", "origin", str(origin))
+        run(["dvc", "remote", "add", "-d", "storage", str(remote)], a, env)
+        first = run(["dvc", "repro"], a, env)
+        run(["dvc", "push"], a, env)
+        git(a, env, "add", "-A")
+        git(a, env, "commit", "-qm", "pipeline run, remote")
+        git(a, env, "push", "-q", "origin", "main")
+        pushed = checksums(a)
+        experiment = run(["dvc", "exp", "run", "-S", "dropout=0.3", "-n", "drop03"], a, env)
+        run(["dvc", "exp", "push", "origin", "drop03"], a, env)
+        drop03_metrics = json.loads((a / "metrics" / "dropout.json").read_text())
+        git(a, env, "checkout", "--", ".")  # back to the pushed commit
+        run(["dvc", "checkout", "-f"], a, env)
+
+        b = root / "b"
+        run(["git", "clone", "-q", str(origin), str(b)], root, env)
+        pull = run(["dvc", "pull"], b, env)
+        repro_b = run(["dvc", "repro"], b, env)
+        run(["dvc", "exp", "pull", "origin", "drop03"], b, env)
+        shown = run(["dvc", "exp", "show", "--json"], b, env)
+
+        c = root / "c"
+        run(["git", "clone", "-q", str(origin), str(c)], root, env)
+        pulled_run = run(["dvc", "exp", "run", "--pull", "-S", "dropout=0.45", "-n", "drop045"],
+                         c, env)
+        yield {"server": server, "root": root, "a": a, "b": b, "c": c, "env": env,
+               "first": first, "experiment": experiment, "pull": pull, "repro_b": repro_b,
+               "shown": shown, "pulled_run": pulled_run, "drop03_metrics": drop03_metrics,
+               "pushed": pushed}
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------- the tracking server
+def test_runs_params_metrics_and_nesting_live_on_the_server(team) -> None:
+    client = client_for(team["server"])
+    experiment = client.get_experiment_by_name("e2e")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied
+    parents = client.search_runs([experiment.experiment_id], "tags.run_kind = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    first = parents[0]
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{first.info.run_id}'")
+    assert sorted(run_.info.run_name for run_ in children) == sorted(VARIANTS)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["data.samples_per_class"] == "30"
+        assert child.data.params["backbone"] == "MobileNetV2"
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        assert [metric.step for metric in history] == sorted(m.step for m in history) and history
+        assert {"test_accuracy", "test_accuracy_ci_low"} <= set(child.data.metrics)
+    # The run ids the pulled artifacts name are the server's runs.
+    for variant in VARIANTS:
+        run_id = json.loads((team["b"] / f"artifacts/{variant}/mlflow_run.json")
+                            .read_text())["run_id"]
+        assert client.get_run(run_id).data.tags["variant"] == variant
+
+
+def test_artifacts_and_models_come_back_through_the_server(team, tmp_path: Path) -> None:
+    import mlflow
+
+    client = client_for(team["server"])
+    run_id = json.loads((team["a"] / "artifacts/dropout/mlflow_run.json").read_text())["run_id"]
+    local = Path(client.download_artifacts(run_id, "learning_curves.png", str(tmp_path)))
+    assert local.read_bytes() == (team["a"] / "artifacts/dropout/learning_curves.png") \
+        .read_bytes()
+    # Artifacts were stored by the server, not by the training machine.
+    assert list((team["root"] / "server" / "artifacts").rglob("learning_curves.png"))
+    mlflow.set_tracking_uri(team["server"].url)
+    try:
+        model = mlflow.pyfunc.load_model("models:/food101-classifier@champion")
+        from foodtransfer.data.images import ImageStore
+
+        images = ImageStore(team["a"] / "data/trimmed/test.npy").read([0, 1])
+        probabilities = model.predict(images)
+        assert list(probabilities.columns) == TINY["data"]["classes"]
+        np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1, atol=1e-4)
+    finally:
+        mlflow.set_tracking_uri(None)
+    version = client.get_model_version_by_alias("food101-classifier", "champion")
+    assert version.tags["variant"] in VARIANTS
+
+
+def test_predict_and_compare_work_against_the_server(team) -> None:
+    from PIL import Image
+
+    a, env = team["a"], team["env"]
+    photo = team["root"] / "photo.jpg"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 50, 3), np.uint8)).save(photo)
+    predicted = run([str(BIN / "foodtransfer"), "predict", str(photo), "--json"], a, env)
+    output = json.loads(predicted.stdout)
+    assert output["model_uri"] == "models:/food101-classifier@champion"
+    assert len(output["images"][0]["predictions"]) == 4
+    compared = run([str(BIN / "foodtransfer"), "compare", "--out", str(team["root"] / "cmp")],
+                   a, env)
+    assert "compared" in compared.stdout and "pipeline runs" in compared.stdout
+    assert (team["root"] / "cmp" / "experiments.md").is_file()
+    client = client_for(team["server"])
+    experiment = client.get_experiment_by_name("e2e")
+    assert client.search_runs([experiment.experiment_id], "tags.run_kind = 'comparison'")
+
+
+# --------------------------------------------------------------------------- the DVC remote
+def test_a_clone_pulls_the_same_outputs_and_reruns_nothing(team) -> None:
+    assert checksums(team["b"]) == team["pushed"]
+    assert stages_run(team["repro_b"].stdout) == set()
+    assert "didn't change, skipping" in team["repro_b"].stdout
+
+
+def test_an_experiment_moves_between_clones(team) -> None:
+    assert "drop03" in team["shown"].stdout
+    b, env = team["b"], team["env"]
+    run(["dvc", "exp", "apply", "drop03"], b, env)
+    applied = json.loads((b / "metrics" / "dropout.json").read_text())
+    assert applied["test_accuracy"] == team["drop03_metrics"]["test_accuracy"]
+    assert applied["best_val_accuracy"] == team["drop03_metrics"]["best_val_accuracy"]
+
+
+def test_exp_run_pull_fetches_upstream_outputs_instead_of_recomputing(team) -> None:
+    ran = stages_run(team["pulled_run"].stdout)
+    assert ran == {"dropout", "finetune", "report"}, ran  # not download .. features
+    c = team["c"]
+    assert (c / "data" / "features" / "train.npy").is_file()
+    # The report found the reused variants' runs (ids from pulled artifacts) on the server.
+    text = (c / "reports" / "comparison.md").read_text()
+    baseline_run = json.loads((c / "artifacts/baseline/mlflow_run.json").read_text())["run_id"]
+    assert f"`{baseline_run}` (reused from pipeline run" in text
+
+
+# ------------------------------------------------------------- the server stopped mid-stage
+def test_a_server_stopped_mid_stage_fails_it_in_seconds_and_repro_recovers(team) -> None:
+    server, a, env = team["server"], team["a"], team["env"]
+    long_run = ["dvc", "exp", "run", "-S", "epochs=150", "-S", "patience=150", "dropout"]
+    client = client_for(server)
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    log = team["root"] / "long-run.log"
+    with open(log, "w") as output:  # a file, not a pipe: nobody reads it while it runs
+        process = subprocess.Popen(long_run, cwd=a, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # until the stage has logged a few epochs
+            running = client.search_runs([experiment], "attributes.status = 'RUNNING' and "
+                                         "tags.variant = 'dropout'")
+            if running and len(client.get_metric_history(running[0].info.run_id,
+                                                         "val_loss")) >= 3:
+                break
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the dropout stage never logged 3 epochs")
+        server.stop()
+        stopped = time.monotonic()
+        process.wait(timeout=120)
+        seconds = time.monotonic() - stopped
+        output = log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert seconds < 40, seconds
+    errors = [line for line in output.splitlines() if line.startswith("dropout: error:")]
+    assert len(errors) == 1 and "stopped answering" in errors[0], output[-3000:]
+    assert "Traceback" not in output
+    assert not (a / "metrics" / "dropout.json").exists()  # no DVC output left
+    assert not (a / "models" / "dropout").exists()
+    server.start()
+    recovered = run(["dvc", "repro"], a, env)
+    assert "dropout" in stages_run(recovered.stdout)
+    assert (a / "metrics" / "dropout.json").is_file()
+    assert json.loads(run(["dvc", "status", "--json"], a, env).stdout) == {}
+    # The run the stopped stage left RUNNING was ended as KILLED by the next stage.
+    lost = client.search_runs([experiment], "tags.variant = 'dropout' and "
+                              "attributes.status = 'KILLED'")
+    assert lost
