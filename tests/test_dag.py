@@ -147,7 +147,8 @@ def dag_problems(name: str, stage: dict) -> list[str]:
                  sorted(code - expected_code)]
     paths = cmd_paths(stage)
     data_deps = deps - code
-    outs = set(_entries(stage.get("outs"))) | set(_entries(stage.get("metrics")))
+    outs = (set(_entries(stage.get("outs"))) | set(_entries(stage.get("metrics")))
+            | set(_entries(stage.get("plots"))))
     for given, declared, kind in ((paths[INPUT], data_deps, "dep"),
                                   (paths[OUTPUT], outs, "out")):
         for path in sorted(given):

@@ -1,0 +1,114 @@
+"""What the new recipe costs against the reference recipe, side by side in one run: the stage
+scripts between the data stages and the report (features, transfer, dropout, finetune) of each
+recipe, alternating, on a project whose data stages have run (its data/trimmed and
+data/split). The baseline and the report are the same for both recipes and left out.
+
+    python bench/recipe.py --project ../mini8 --repeats 3
+
+Each stage runs as DVC runs it (its cmd from dvc.yaml, its own process), with its outputs and
+MLflow store in a scratch folder, so the project is not touched. Printed: per stage the median
+wall time of each recipe and the ratio, the fine-tune seconds per epoch (from its metrics
+file), and their total. Figures go to bench/results/recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+STAGES = ("features", "transfer", "dropout", "finetune")
+# The reference recipe (the params' defaults before the recipe work): what -S gives it back.
+REFERENCE = {"features": {"crop": 1.0, "views": 0, "tta": False},
+             "finetune": {"views": 0, "lr_schedule": "plateau", "lr_scale": 0.1,
+                          "unfreeze": 30, "label_smoothing": 0.0},
+             "dropout": 0.6}
+
+
+def merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def commands(project: Path, scratch: Path) -> dict[str, list[str]]:
+    """Each stage's cmd from the project's dvc.yaml, its outputs moved under ``scratch``
+    (inputs that are outputs of these stages too, so the chain stays inside it)."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    moved = ("data/features", "metrics/", "plots/", "artifacts/", "models/")
+    result = {}
+    for stage in STAGES:
+        words = shlex.split(spec[stage]["cmd"])
+        words = [str(scratch / word) if word.startswith(moved) else word for word in words]
+        result[stage] = [sys.executable, *words[1:]]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results" /
+                        "recipe.json")
+    args = parser.parse_args()
+    project = args.project.resolve()
+    base = yaml.safe_load((project / "params.yaml").read_text())
+    recipes = {"reference": merge(base, REFERENCE), "new": base}
+    times: dict[str, dict[str, list[float]]] = {name: {stage: [] for stage in STAGES}
+                                               for name in recipes}
+    epochs: dict[str, list[float]] = {name: [] for name in recipes}
+    with tempfile.TemporaryDirectory() as root:
+        for repeat in range(args.repeats):
+            for name, params in recipes.items():
+                scratch = Path(root) / f"{name}-{repeat}"
+                scratch.mkdir()
+                (scratch / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                env = {**os.environ, "MLFLOW_TRACKING_URI":
+                       f"sqlite:///{Path(root) / 'mlflow.db'}", "FOODTRANSFER_PROGRESS": "0"}
+                for stage, command in commands(project, scratch).items():
+                    command = [*command, "--params", str(scratch / "params.yaml")]
+                    started = time.perf_counter()
+                    result = subprocess.run(command, cwd=project, env=env,
+                                            capture_output=True, text=True)
+                    if result.returncode != 0:
+                        raise SystemExit(f"{stage} ({name}) failed:\n{result.stderr[-3000:]}")
+                    times[name][stage].append(time.perf_counter() - started)
+                metrics = json.loads((scratch / "metrics" / "finetune.json").read_text())
+                epochs[name].append(metrics["seconds_per_epoch"])
+                print(f"repeat {repeat + 1}, {name}: " + ", ".join(
+                    f"{stage} {times[name][stage][-1]:.0f} s" for stage in STAGES), flush=True)
+    medians = {name: {stage: statistics.median(values) for stage, values in stages.items()}
+               for name, stages in times.items()}
+    totals = {name: sum(values.values()) for name, values in medians.items()}
+    result = {"repeats": args.repeats, "stage_seconds": times, "median_seconds": medians,
+              "total_features_to_finetune_s": totals,
+              "finetune_seconds_per_epoch": {name: statistics.median(values)
+                                             for name, values in epochs.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| stage | reference recipe | new recipe | ratio |  (medians of {args.repeats})")
+    print("| --- | ---: | ---: | ---: |")
+    for stage in STAGES:
+        ref, new = medians["reference"][stage], medians["new"][stage]
+        print(f"| {stage} | {ref:.1f} s | {new:.1f} s | {new / ref:.2f} |")
+    print(f"| **features to finetune** | {totals['reference']:.0f} s | {totals['new']:.0f} s | "
+          f"{totals['new'] / totals['reference']:.2f} |")
+    per_epoch = result["finetune_seconds_per_epoch"]
+    print(f"fine-tune epoch: {per_epoch['reference']:.2f} s -> {per_epoch['new']:.2f} s "
+          f"({per_epoch['new'] / per_epoch['reference']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
