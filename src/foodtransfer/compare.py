@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foodtransfer import markdown
 from foodtransfer.errors import UserError
+from foodtransfer.evaluation import right_per_image
+from foodtransfer.markdown import experiments_markdown
 from foodtransfer.uncertainty import mean_and_sd, pooled_interval
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,7 @@ def check_data_versions(executions: list[Execution], data_version: str | None
 def correctness(client, run_id: str, cache: Path) -> pd.Series:
     """Per test image, whether the variant run got it right (from its logged predictions)."""
     path = client.download_artifacts(run_id, "dvc_plots/predictions.csv", str(cache))
-    frame = pd.read_csv(path).drop_duplicates("image_id").set_index("image_id")
-    return frame["actual"].astype(str) == frame["predicted"].astype(str)
+    return right_per_image(pd.read_csv(path))
 
 
 @dataclass
@@ -259,6 +259,11 @@ class Summary:
     def mean_sd(self, metric: str) -> tuple[float, float]:
         values = self.values.get(metric) or [math.nan]
         return mean_and_sd(values)
+
+    def mean_sd_text(self, metric: str) -> str:
+        """``0.853 ± 0.012`` (the mean alone for one seed)."""
+        mean, sd = self.mean_sd(metric)
+        return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
 
 
 def summarise(client, groups: list[Group], cache: Path) -> list[Summary]:
@@ -281,49 +286,6 @@ def summarise(client, groups: list[Group], cache: Path) -> list[Summary]:
 
 
 # -------------------------------------------------------------------------------- output
-def _mean_sd_text(summary: Summary, metric: str) -> str:
-    mean, sd = summary.mean_sd(metric)
-    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
-
-
-def experiments_markdown(experiment: str, executions: list[Execution], groups: list[Group],
-                         swept: list[str], summaries: list[Summary],
-                         unfinished: list[Unfinished], comparison_run_id: str | None) -> str:
-    versions = sorted({e.data_version for e in executions})
-    lines = ["# Food-101 transfer learning: experiments compared", "",
-             f"MLflow experiment `{experiment}` · data version `{', '.join(versions)}` · "
-             f"{len(executions)} pipeline runs in {len(groups)} configuration"
-             f"{'s' * (len(groups) != 1)}"
-             + (f" · comparison run `{comparison_run_id}`" if comparison_run_id else ""), ""]
-    if swept:
-        lines += [f"The configurations differ in {', '.join(f'`{s}`' for s in swept)}"
-                  " (see experiments.png); within one, the runs differ only in `seed`.", ""]
-    lines += ["Mean ± standard deviation over seeds; the pooled interval is a 95 % bootstrap "
-              "interval of the seed-averaged test accuracy, resampling test images (each with "
-              "every seed's answer).", ""]
-    rows = [[summary.group.label(swept), summary.variant, str(len(summary.seeds)),
-             _mean_sd_text(summary, "test_accuracy"),
-             (f"[{summary.pooled[0]:.3f}, {summary.pooled[1]:.3f}]" if summary.pooled
-              else "-"),
-             _mean_sd_text(summary, "test_macro_f1"),
-             _mean_sd_text(summary, "best_val_accuracy")] for summary in summaries]
-    lines += markdown.table(("configuration", "variant", "seeds", "test accuracy",
-                             "pooled 95 % CI", "test macro F1", "validation accuracy"), rows,
-                            [False, False, True, True, True, True, True])
-    lines += ["", "## Runs compared", ""]
-    lines += markdown.table(
-        ("pipeline run", "DVC experiment", "seed", "configuration"),
-        [[f"`{e.run_id}`", e.tags.get("dvc_exp_name", "-"), e.seed,
-          next(g.label(swept) for g in groups if e in g.executions)] for e in executions])
-    if unfinished:
-        lines += ["", "## Not included", "", "Failed or still running: never averaged.", ""]
-        lines += markdown.table(("experiment or run", "status", "runs"),
-                                [[u.name, u.status, u.detail] for u in unfinished])
-    if swept:
-        lines += ["", "![the metric against the swept params](experiments.png)"]
-    return "\n".join(lines) + "\n"
-
-
 def experiments_frame(summaries: list[Summary], swept: list[str]) -> pd.DataFrame:
     rows = []
     for summary in summaries:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import (classification_report, confusion_matrix, f1_score, log_loss,
                              top_k_accuracy_score)
 
@@ -67,3 +68,10 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[st
                                  digits=3, zero_division=0)
     return Evaluation(metrics, per_class,
                       confusion_matrix(labels, predicted, labels=all_labels), text, predicted)
+
+
+def right_per_image(predictions: pd.DataFrame) -> pd.Series:
+    """Per image (the index: image ids), whether a predictions table (``image_id``,
+    ``actual``, ``predicted``, as the variant stages write it) got it right."""
+    frame = predictions.drop_duplicates("image_id").set_index("image_id")
+    return frame["actual"].astype(str) == frame["predicted"].astype(str)

@@ -212,3 +212,43 @@ def comparison_markdown(results: dict[str, Any], champion: str,
               f"The champion's ({champion}) most confident test mistakes:", "",
               "![most confident mistakes](errors.png)", ""]
     return "\n".join(lines)
+
+
+def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Sequence[Any],
+                         swept: list[str], summaries: Sequence[Any],
+                         unfinished: Sequence[Any], comparison_run_id: str | None) -> str:
+    """``experiments.md``: what `foodtransfer compare` found (its executions, configurations,
+    per-variant summaries and unfinished runs, see :mod:`foodtransfer.compare`)."""
+    versions = sorted({e.data_version for e in executions})
+    lines = ["# Food-101 transfer learning: experiments compared", "",
+             f"MLflow experiment `{experiment}` · data version `{', '.join(versions)}` · "
+             f"{len(executions)} pipeline runs in {len(groups)} configuration"
+             f"{'s' * (len(groups) != 1)}"
+             + (f" · comparison run `{comparison_run_id}`" if comparison_run_id else ""), ""]
+    if swept:
+        lines += [f"The configurations differ in {', '.join(f'`{s}`' for s in swept)}"
+                  " (see experiments.png); within one, the runs differ only in `seed`.", ""]
+    lines += ["Mean ± standard deviation over seeds; the pooled interval is a 95 % bootstrap "
+              "interval of the seed-averaged test accuracy, resampling test images (each with "
+              "every seed's answer).", ""]
+    rows = [[summary.group.label(swept), summary.variant, str(len(summary.seeds)),
+             summary.mean_sd_text("test_accuracy"),
+             (f"[{summary.pooled[0]:.3f}, {summary.pooled[1]:.3f}]" if summary.pooled
+              else "-"),
+             summary.mean_sd_text("test_macro_f1"),
+             summary.mean_sd_text("best_val_accuracy")] for summary in summaries]
+    lines += table(("configuration", "variant", "seeds", "test accuracy",
+                             "pooled 95 % CI", "test macro F1", "validation accuracy"), rows,
+                            [False, False, True, True, True, True, True])
+    lines += ["", "## Runs compared", ""]
+    lines += table(
+        ("pipeline run", "DVC experiment", "seed", "configuration"),
+        [[f"`{e.run_id}`", e.tags.get("dvc_exp_name", "-"), e.seed,
+          next(g.label(swept) for g in groups if e in g.executions)] for e in executions])
+    if unfinished:
+        lines += ["", "## Not included", "", "Failed or still running: never averaged.", ""]
+        lines += table(("experiment or run", "status", "runs"),
+                                [[u.name, u.status, u.detail] for u in unfinished])
+    if swept:
+        lines += ["", "![the metric against the swept params](experiments.png)"]
+    return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from foodtransfer.atomic import scratch_dir
 from foodtransfer.config import Params, flatten
 from foodtransfer.data.manifests import data_version
 from foodtransfer.errors import DataError
+from foodtransfer.evaluation import right_per_image
 from foodtransfer.markdown import Pair, ReportContext, comparison_markdown, number
 from foodtransfer.tracking.registry import CHAMPION_ALIAS
 from foodtransfer.uncertainty import PairedDifference, paired_difference
@@ -134,17 +135,11 @@ def changed_params(params: Params) -> dict[str, tuple[Any, Any]]:
 
 
 # ------------------------------------------------------------------------- paired tests
-def correctness(predictions: pd.DataFrame) -> pd.Series:
-    """Whether each image (index: image id) was classified right."""
-    frame = predictions.drop_duplicates("image_id").set_index("image_id")
-    return frame["actual"].astype(str) == frame["predicted"].astype(str)
-
-
 def _paired(a: pd.DataFrame | None, b: pd.DataFrame | None, what: str
             ) -> PairedDifference | None:
     if a is None or b is None:
         return None
-    right_a, right_b = correctness(a), correctness(b)
+    right_a, right_b = right_per_image(a), right_per_image(b)
     if set(right_a.index) != set(right_b.index):
         raise DataError(f"the variants' {what} predictions are not on the same images: run "
                         "'dvc repro' to bring them in line.")
