@@ -88,7 +88,7 @@ class TrackedRun:
                 dataset = mlflow.data.from_pandas(
                     frame, source=str(split_dir / f"{split}.csv"),
                     name=f"{split}-{data_version}", targets="label")
-            retry_on_lock(mlflow.log_input)(dataset, context=context)
+                retry_on_lock(mlflow.log_input)(dataset, context=context)
 
     def log_model(self, model_path: Path, class_names_path: Path, example: Any) -> str:
         """Log the saved Keras model as this run's pyfunc model; tag and return its URI."""
