@@ -22,6 +22,7 @@ CLASSES = ["pizza", "sushi", "tacos"]
 # pizza (class 0) gets an empty and a truncated train file: 8 listed, 6 usable.
 SAMPLE_PARAMS = {
     "image_size": 16,
+    "features": {"crop": 1.0},  # no crop of 16 px images (the default would leave 14)
     "data": {
         "seed": 3,
         "source": "sample",

@@ -279,7 +279,7 @@ def test_flatten_gives_flat_dotted_keys() -> None:
     assert flat["data.val_fraction"] == 0.25
     assert flat["data.classes"] == "pizza,sushi"
     assert flat["data.sample.max_side"] == 400
-    assert flat["finetune.lr_scale"] == 0.1
+    assert flat["finetune.lr_scale"] == 0.3 and flat["features.tta"] is True
     assert flat["dropout"] == 0.6 and flat["seed"] == 42
     assert flat["mlflow.experiment"] == "food101-transfer"
     assert flat["data.md5"] == FOOD101_MD5

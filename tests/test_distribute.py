@@ -320,6 +320,8 @@ def test_params_yaml_documents_the_defaults() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.strategy == Params().strategy == "auto"
     assert params.mixed_precision == Params().mixed_precision == "auto"
+    # Every default, the recipe's included: a key left out of a params file means its default.
+    assert params.model_dump() == Params().model_dump()
 
 
 # ------------------------------------------------- keras-team/keras#20585, documented

@@ -35,6 +35,7 @@ STAGE_TIME_LIMIT = 20.0  # "within seconds": a params error must not wait for Te
 
 VALID = {
     "image_size": 32, "backbone": "MobileNetV2", "weights": "none", "epochs": 2,
+    "features": {"crop": 1.0},  # MobileNetV2 needs 32 px: no crop
     "data": {"source": "sample", "classes": ["pizza", "sushi"], "samples_per_class": 4,
              "test_per_class": 2,
              "sample": {"train_per_class": 5, "test_per_class": 2, "min_side": 16,

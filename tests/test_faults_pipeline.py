@@ -50,7 +50,9 @@ PARAMS = {
              "sample": {"train_per_class": 44, "test_per_class": 10, "min_side": 24,
                         "max_side": 56}},
     "baseline": {"epochs": 2, "image_size": 32},
-    "finetune": {"epochs": 1, "unfreeze": 5},
+    # The reference recipe: one features file per split, so interrupting its writes is simple.
+    "features": {"crop": 1.0, "views": 0, "tta": False},
+    "finetune": {"epochs": 1, "unfreeze": 5, "views": 0},
     "mlflow": {"experiment": EXPERIMENT},
 }
 TIMING_KEYS = {"seconds_per_epoch", "bottom_cache_seconds"}

@@ -84,14 +84,14 @@ class DataConfig(Section):
 
 class FeaturesConfig(Section):
     # The backbone sees the centre `crop` share of each image (round(image_size * crop) px);
-    # 1.0: the whole image, resized (the reference recipe).
-    crop: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # 1.0: the whole image, resized (the reference recipe); 0.875: 224 of 256 px.
+    crop: Annotated[float, Field(gt=0, le=1)] = 0.875
     # Seeded augmented views (random resized crop, flip, colour jitter) of each training image
     # cached beside its plain features, so the heads train on augmented data at cache speed.
-    views: Annotated[int, Field(ge=0, le=64)] = 0
+    views: Annotated[int, Field(ge=0, le=64)] = 2
     # Validation and test predictions averaged with those of the flipped image (test-time
     # augmentation), in the deployed model too.
-    tta: bool = False
+    tta: bool = True
 
 
 class BaselineConfig(Section):
@@ -103,7 +103,7 @@ class BaselineConfig(Section):
 
 class FinetuneConfig(Section):
     epochs: Annotated[int, Field(ge=0)] = 10
-    lr_scale: Rate = 0.1  # fine-tune learning rate = learning_rate * lr_scale
+    lr_scale: Rate = 0.3  # fine-tune learning rate = learning_rate * lr_scale
     # A number of top backbone layers to unfreeze, or "all".
     unfreeze: PositiveInt | Literal["all"] = 30
     augment: bool = False
@@ -112,10 +112,10 @@ class FinetuneConfig(Section):
     cache_frozen: bool = True
     # Augmented views of each training image in that cache; epoch e trains on view e mod
     # (views + 1) (view 0: the plain image), so an epoch costs what a plain one does.
-    views: Annotated[int, Field(ge=0, le=64)] = 0
+    views: Annotated[int, Field(ge=0, le=64)] = 4
     # The fine-tune learning-rate schedule: plateau (ReduceLROnPlateau), cosine (decay to zero
     # over finetune.epochs) or none.
-    lr_schedule: Literal["none", "plateau", "cosine"] = "plateau"
+    lr_schedule: Literal["none", "plateau", "cosine"] = "cosine"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
