@@ -4,6 +4,8 @@ time, a bounded number of requests after a warm-up).
 
     python bench/serving.py                       # the champion of the project in this folder
     python bench/serving.py --model-uri runs:/<id>/model --requests 50
+    python bench/serving.py --relog               # the champion's Keras model, re-logged with
+                                                  # this checkout's serving code first
 
 Run it from a project whose MLflow store holds the model (or with MLFLOW_TRACKING_URI set).
 Figures go to bench/results/serving.json.
@@ -36,12 +38,30 @@ def post(url: str, body: bytes) -> float:
     return time.perf_counter() - started
 
 
+def relog(uri: str, side: int) -> str:
+    """The Keras model and class names inside the pyfunc at ``uri``, logged as a new pyfunc by
+    this checkout's ``log_model`` in an MLflow run 'serving-bench'; its URI."""
+    import mlflow
+
+    from foodtransfer.tracking.models import log_model
+
+    local = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts"
+    (keras_model,) = [p for p in local.iterdir() if p.suffix == ".keras"]
+    (classes,) = [p for p in local.iterdir() if p.suffix == ".json"]
+    mlflow.set_experiment("bench-serving")
+    with mlflow.start_run(run_name="serving-bench"):
+        return log_model(keras_model, classes, np.zeros((1, side, side, 3), np.float32))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", default=None)
     parser.add_argument("--requests", type=int, default=40, help="timed requests per size")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--relog", action="store_true",
+                        help="serve the model's Keras model logged anew with this checkout's "
+                             "code (a logged model serves with the code it was logged with)")
     parser.add_argument("--out", type=Path,
                         default=PROJECT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
@@ -52,6 +72,9 @@ def main() -> None:
 
     uri = args.model_uri or _default_model_uri(Path("params.yaml"))
     side, _ = input_size(uri)
+    if args.relog:
+        uri = relog(uri, side)
+        args.model_uri = uri
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).parent / "foodtransfer"), "serve", "--port", str(port)]
