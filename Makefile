@@ -50,8 +50,10 @@ seeds: $(STAMP)
 	$(BIN)/dvc exp run --run-all -j 1
 	$(BIN)/foodtransfer compare
 
+# Two pytest workers, a test file each (--dist loadfile keeps a module's fixtures in one
+# worker): the end-to-end files mostly wait on DVC, MLflow and process start-up.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
