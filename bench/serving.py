@@ -43,11 +43,10 @@ def relog(uri: str, side: int) -> str:
     this checkout's ``log_model`` in an MLflow run 'serving-bench'; its URI."""
     import mlflow
 
+    from foodtransfer.serving import logged_keras_model
     from foodtransfer.tracking.models import log_model
 
-    local = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts"
-    (keras_model,) = [p for p in local.iterdir() if p.suffix == ".keras"]
-    (classes,) = [p for p in local.iterdir() if p.suffix == ".json"]
+    keras_model, classes = logged_keras_model(uri)
     mlflow.set_experiment("bench-serving")
     with mlflow.start_run(run_name="serving-bench"):
         return log_model(keras_model, classes, np.zeros((1, side, side, 3), np.float32))

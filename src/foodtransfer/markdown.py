@@ -237,9 +237,9 @@ def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Seq
               else "-"),
              summary.mean_sd_text("test_macro_f1"),
              summary.mean_sd_text("best_val_accuracy")] for summary in summaries]
-    lines += table(("configuration", "variant", "seeds", "test accuracy",
-                             "pooled 95 % CI", "test macro F1", "validation accuracy"), rows,
-                            [False, False, True, True, True, True, True])
+    lines += table(("configuration", "variant", "seeds", "test accuracy", "pooled 95 % CI",
+                    "test macro F1", "validation accuracy"), rows,
+                   [False, False, True, True, True, True, True])
     lines += ["", "## Runs compared", ""]
     lines += table(
         ("pipeline run", "DVC experiment", "seed", "configuration"),
@@ -248,7 +248,7 @@ def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Seq
     if unfinished:
         lines += ["", "## Not included", "", "Failed or still running: never averaged.", ""]
         lines += table(("experiment or run", "status", "runs"),
-                                [[u.name, u.status, u.detail] for u in unfinished])
+                       [[u.name, u.status, u.detail] for u in unfinished])
     if swept:
         lines += ["", "![the metric against the swept params](experiments.png)"]
     return "\n".join(lines) + "\n"

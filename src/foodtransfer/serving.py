@@ -48,6 +48,27 @@ def _registered_version(model_uri: str) -> str | None:
     return version if version.isdigit() else None
 
 
+def _unreadable(model_uri: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot read the model {model_uri}: {error}. Is it a foodtransfer "
+                          "model (models:/<name>@champion, runs:/<id>/model)?")
+
+
+def logged_keras_model(model_uri: str) -> tuple[Path, Path]:
+    """The Keras model file and the class-names file inside the foodtransfer pyfunc at
+    ``model_uri``, downloaded from this project's store (the paths its MLmodel names)."""
+    import mlflow
+
+    check_store(model_uri)
+    mlflow.set_tracking_uri(store.tracking_uri())
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        artifacts = mlflow.models.Model.load(local).flavors["python_function"]["artifacts"]
+        return (local / artifacts["keras_model"]["path"],
+                local / artifacts["class_names"]["path"])
+    except (KeyError, OSError, mlflow.exceptions.MlflowException) as error:
+        raise _unreadable(model_uri, error) from error
+
+
 def export_saved_model(model_uri: str, out: Path) -> Path:
     """Write the Keras model inside the pyfunc ``model_uri`` as a TensorFlow SavedModel
     (Keras ``model.export``: a ``serve`` signature from float32 images 0..255 to class
@@ -59,18 +80,12 @@ def export_saved_model(model_uri: str, out: Path) -> Path:
     import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
     from foodtransfer.atomic import atomic_dir
 
-    check_store(model_uri)
-    mlflow.set_tracking_uri(store.tracking_uri())
+    keras_path, class_names_path = logged_keras_model(model_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri))
-        artifacts = mlflow.models.Model.load(local).flavors["python_function"]["artifacts"]
-        keras_path = local / artifacts["keras_model"]["path"]
-        class_names = json.loads((local / artifacts["class_names"]["path"]).read_text())
+        class_names = json.loads(class_names_path.read_text())
         version = _registered_version(model_uri) or "1"
-    except (KeyError, OSError, mlflow.exceptions.MlflowException) as error:
-        raise ModelLoadError(f"cannot read the model {model_uri}: {error}. Is it a "
-                             "foodtransfer model (models:/<name>@champion, runs:/<id>/model)?"
-                             ) from error
+    except (OSError, mlflow.exceptions.MlflowException) as error:
+        raise _unreadable(model_uri, error) from error
     model = keras.saving.load_model(keras_path, compile=False)
     target = out / version
     with atomic_dir(target) as tmp:
