@@ -20,6 +20,8 @@ def main(
     split: Path = typer.Option(..., rich_help_panel=INPUT, help="The split stage's manifests."),
     out: Path = typer.Option(..., rich_help_panel=OUTPUT,
                              help="Cached features train/val/test.npy and meta.json."),
+    bottom_out: Path = typer.Option(..., rich_help_panel=OUTPUT,
+                                    help="The fine-tune's frozen-bottom cache (data/bottom)."),
     metrics: Path = typer.Option(..., rich_help_panel=OUTPUT,
                                  help="Extraction timings (metrics/features.json)."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
@@ -30,7 +32,7 @@ def main(
         config = load_params(params)  # validate before importing TensorFlow
         from foodtransfer.stages.features import run
 
-        return run(config, trimmed, split, out, metrics)
+        return run(config, trimmed, split, out, metrics, bottom_out)
 
     run_stage("features", body)
 

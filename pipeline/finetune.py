@@ -19,6 +19,8 @@ def main(
     trimmed: Path = typer.Option(..., rich_help_panel=INPUT,
                                  help="The trim stage's image stores."),
     split: Path = typer.Option(..., rich_help_panel=INPUT, help="The split stage's manifests."),
+    bottom: Path = typer.Option(..., rich_help_panel=INPUT,
+                                help="The features stage's frozen-bottom cache (data/bottom)."),
     start_model: Path = typer.Option(..., rich_help_panel=INPUT,
                                      help="The model it starts from (models/dropout)."),
     start_history: Path = typer.Option(..., rich_help_panel=INPUT,
@@ -40,7 +42,7 @@ def main(
         from foodtransfer.results import VariantPaths
         from foodtransfer.stages.finetune import run
 
-        return run(config, trimmed, split, start_model, start_history,
+        return run(config, trimmed, split, bottom, start_model, start_history,
                    VariantPaths(metrics, plots, artifacts, model))
 
     run_stage("finetune", body)

@@ -179,3 +179,119 @@ def test_view_transform_reads_like_the_function() -> None:
     transform = view_transform(SIZE, 42, 3)
     np.testing.assert_array_equal(transform(images, np.array([4, 8])),
                                   augmented_views(images, np.array([4, 8]), SIZE, 42, 3))
+
+
+# ------------------------------------------- the fine-tune's cache, from the features' passes
+def test_features_stage_writes_the_finetune_cache_in_the_same_passes(trimmed: Path,
+                                                                     tmp_path: Path) -> None:
+    """With a frozen-bottom cache, the features are the same, every image the two caches share
+    goes through the backbone once, and each cached row is the bottom's output for its image
+    and view."""
+    from foodtransfer.models.classifiers import frozen_bottom_cut
+    from foodtransfer.stages.features import BottomCache, bottom_files
+
+    keras.utils.set_random_seed(3)
+    extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+    unfreeze_top(get_backbone_model(extractor), 5)
+    cut_bottom, cut_top = frozen_bottom_cut(extractor,
+                                            *split_frozen_bottom(get_backbone_model(extractor)))
+    splits = load_splits(trimmed)
+    files = feature_files(splits, IMAGE, SIZE, views=1, tta=True, seed=42)
+    cache = BottomCache(cut_bottom, cut_top,
+                        bottom_files(splits, IMAGE, SIZE, views=2, tta=True, seed=42),
+                        tmp_path / "bottom", {"what": "test"})
+    shared = extract_features(extractor, trimmed, files, tmp_path / "features", metadata={},
+                              show_progress=False, bottom=cache)
+    alone = extract_features(extractor, trimmed, files, tmp_path / "alone", metadata={},
+                             show_progress=False)
+    train, val, test = (len(splits[name]) for name in ("train", "val", "test"))
+    # train: plain + 2 views; val and test: plain + mirror. Apart: 26 + 32 passes.
+    assert shared.images == 3 * train + 2 * val + 2 * test
+    assert alone.images == 2 * train + 2 * val + 2 * test
+    for path in (tmp_path / "alone").glob("*.npy"):
+        expected = np.load(path)
+        np.testing.assert_allclose(np.load(tmp_path / "features" / path.name),
+                                   expected, atol=1e-5 * np.abs(expected).max())
+
+    def bottom_of(images: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(cut_bottom(images.astype("float32")))
+
+    out = tmp_path / "bottom"
+    assert {path.stem for path in out.glob("*.npy")} == {"train", "val", "test", "val_flip",
+                                                         "test_flip"}
+    images = store_images(trimmed, splits["train"])
+    rows = np.load(out / "train.npy")
+    assert rows.shape == (3 * train, *cut_bottom.output_shape[1:])
+    for view, inputs in enumerate([center_crop(images, SIZE)] + [
+            augmented_views(images, splits["train"].indices, SIZE, 42, v) for v in (1, 2)]):
+        expected = bottom_of(inputs)
+        np.testing.assert_allclose(rows[view * train:(view + 1) * train], expected,
+                                   atol=1e-5 * np.abs(expected).max())
+    for name in ("val", "test"):
+        plain = center_crop(store_images(trimmed, splits[name]), SIZE)
+        for file, inputs in ((name, plain), (f"{name}_flip", flip(plain))):
+            expected = bottom_of(inputs)
+            np.testing.assert_allclose(np.load(out / f"{file}.npy"), expected,
+                                       atol=1e-5 * np.abs(expected).max())
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["cached"] is True and meta["what"] == "test"
+    assert meta["files"] == {"train": 3 * train, "val": val, "test": test, "val_flip": val,
+                             "test_flip": test}
+
+
+def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed: Path,
+                                                                         tmp_path: Path
+                                                                         ) -> None:
+    """The features stage's run writes the cache; a dropout model built as the transfer stage
+    builds it (same seed) accepts it and is evaluated from it exactly as from the images;
+    other views, another backbone or no cache are refused, saying why."""
+    from foodtransfer.config import Params
+    from foodtransfer.models.inference import compile_forward, predict_split
+    from foodtransfer.stages import features
+    from foodtransfer.stages.finetune import (cached_probabilities, features_stage_cache,
+                                              top_model)
+    from foodtransfer.training.distribute import make_strategy
+
+    raw = {"backbone": "MobileNetV2", "weights": "none", "image_size": IMAGE,
+           "features": {"crop": SIZE / IMAGE, "views": 1, "tta": True},
+           "finetune": {"unfreeze": 5, "views": 2}}
+    params = Params.model_validate(raw)
+    splits = load_splits(trimmed)
+    out = tmp_path / "bottom"
+    features.run(params, trimmed, trimmed, tmp_path / "features", tmp_path / "features.json",
+                 out)
+
+    def dropout_model(seed: int):
+        keras.utils.set_random_seed(seed)  # the transfer stage seeds with data.seed
+        extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+        model = build_image_classifier(extractor, build_head(extractor.output_shape[-1], 2),
+                                       image_size=IMAGE, tta=True)
+        unfreeze_top(get_backbone_model(model), 5)
+        return model, split_frozen_bottom(get_backbone_model(model))
+
+    model, (bottom, top) = dropout_model(params.data.seed)
+    ok, why = features_stage_cache(out, model, bottom, top, params, trimmed, trimmed, splits)
+    assert ok, why
+    probabilities = cached_probabilities(top_model(model, top, make_strategy("auto")), out,
+                                         tta=True)
+    forward = compile_forward(model)
+    for name in ("val", "test"):
+        np.testing.assert_allclose(probabilities[name],
+                                   predict_split(forward, trimmed, splits[name]), atol=1e-5)
+
+    other_views = Params.model_validate({**raw, "finetune": {"unfreeze": 5, "views": 3}})
+    ok, why = features_stage_cache(out, model, bottom, top, other_views, trimmed, trimmed,
+                                   splits)
+    assert not ok and "views 2 (now 3)" in why and "dvc repro features" in why
+    other, (other_bottom, other_top) = dropout_model(7)
+    ok, why = features_stage_cache(out, other, other_bottom, other_top, params, trimmed,
+                                   trimmed, splits)
+    assert not ok and "differs from this model's own frozen bottom" in why
+    no_cache = Params.model_validate({**raw, "finetune": {"unfreeze": 5, "views": 0,
+                                                          "cache_frozen": False}})
+    features.run(no_cache, trimmed, trimmed, tmp_path / "features2", tmp_path / "f2.json",
+                 tmp_path / "none")
+    assert json.loads((tmp_path / "none" / "meta.json").read_text())["cached"] is False
+    ok, why = features_stage_cache(tmp_path / "none", model, bottom, top, params, trimmed,
+                                   trimmed, splits)
+    assert not ok and "finetune.cache_frozen is false" in why

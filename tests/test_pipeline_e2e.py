@@ -131,10 +131,11 @@ def test_progress_in_a_log_is_whole_lines_at_a_bounded_rate(pipeline):
                          output, re.M), stage
         assert re.search(rf"^{stage}: kept the weights of epoch \d+, the best on validation",
                          output, re.M), stage
-    for stage, what in (("trim", "decoded images"), ("features", "train images"),
-                        ("finetune", "frozen-bottom cache")):
+    for stage, what in (("trim", "decoded images"), ("features", "backbone passes")):
         assert re.search(rf"^{stage}: {what}: (\d+)/\1 images \(100 %\), [\d.]+ images/s, "
                          r"done in \d+ s$", output, re.M), (stage, what)
+    # The fine-tune trains on the features stage's frozen-bottom cache: no pass of its own.
+    assert "frozen-bottom cache:" not in output and "builds its own" not in output
 
 
 def test_a_code_edit_makes_exactly_its_stages_stale(pipeline):
@@ -205,6 +206,9 @@ def test_metrics_and_plots_files(pipeline):
     dropout = pipeline["first_metrics"]["dropout"]
     assert finetune["first_epoch"] == dropout["epochs_run"] + 1  # curves continue
     assert finetune["trainable_params"] > dropout["trainable_params"]
+    # The dropout model's backbone is the features stage's (weights=none: seeded alike), so the
+    # fine-tune took that stage's cache of its frozen bottom.
+    assert finetune["bottom_from_features"] == 1 and finetune["cached_bottom"] == 1
     split = json.loads((repo / "metrics/split.json").read_text())
     assert split["test_images"] == 4 * TINY["data"]["test_per_class"]
     assert split["train_images"] + split["val_images"] == 4 * TINY["data"]["samples_per_class"]

@@ -170,15 +170,21 @@ def variant_run(params: Params, variant: str, split_dir: Path, setup: TrainingSe
 def finish_image_model(variant: str, model, history: History, trimmed: Path,
                        splits: dict[str, Split], class_names: list[str], run,
                        paths: VariantPaths, extra: dict[str, Any], what: str,
-                       curve_rows: list[dict[str, float]] | None = None) -> str:
+                       curve_rows: list[dict[str, float]] | None = None,
+                       probabilities: dict[str, np.ndarray] | None = None) -> str:
     """Evaluate an image model (raw images in) on validation and test, write and log its
-    results and save it; returns the stage's summary line."""
+    results and save it; returns the stage's summary line. ``probabilities``: the model's
+    test and validation probabilities where the caller has them already (from cached frozen
+    bottom outputs), instead of passes over the images."""
     from foodtransfer.models.classifiers import parameter_counts
     from foodtransfer.models.inference import compile_forward, predict_split
 
-    forward = compile_forward(model)
-    test_probs = predict_split(forward, trimmed, splits["test"])
-    val_probs = predict_split(forward, trimmed, splits["val"])
+    if probabilities is None:
+        forward = compile_forward(model)
+        test_probs = predict_split(forward, trimmed, splits["test"])
+        val_probs = predict_split(forward, trimmed, splits["val"])
+    else:
+        test_probs, val_probs = probabilities["test"], probabilities["val"]
     test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
     validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
     total, trainable = parameter_counts(model)

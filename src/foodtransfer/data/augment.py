@@ -11,7 +11,7 @@ on any machine, in any batch, in any process.
 from __future__ import annotations
 
 import math
-from functools import partial
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -82,30 +82,47 @@ def augmented_views(images: np.ndarray, indices: np.ndarray, size: int, seed: in
 
 
 # Transforms of a batch read from an image store (``images``, their store ``indices``), as the
-# feature and fine-tune caches apply them (foodtransfer.data.datasets.Transform).
-def crop_transform(size: int):
+# feature and fine-tune caches apply them (foodtransfer.data.datasets.Transform). Values, not
+# closures: two equal transforms give the same rows, so the caches can share a backbone pass.
+@dataclass(frozen=True)
+class CropTransform:
     """The centre ``size`` square of each image."""
-    return partial(_crop, size)
+
+    size: int
+
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return center_crop(images, self.size)
 
 
-def mirror_transform(size: int):
+@dataclass(frozen=True)
+class MirrorTransform:
     """The mirror image of that centre square."""
-    return partial(_mirror, size)
+
+    size: int
+
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return flip(center_crop(images, self.size))
 
 
-def view_transform(size: int, seed: int, view: int):
+@dataclass(frozen=True)
+class ViewTransform:
     """Augmented view number ``view`` (from 1) of each image."""
-    return partial(_view, size, seed, view)
+
+    size: int
+    seed: int
+    view: int
+
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return augmented_views(images, indices, self.size, self.seed, self.view)
 
 
-def _crop(size: int, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return center_crop(images, size)
+def crop_transform(size: int) -> CropTransform:
+    return CropTransform(size)
 
 
-def _mirror(size: int, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return flip(center_crop(images, size))
+def mirror_transform(size: int) -> MirrorTransform:
+    return MirrorTransform(size)
 
 
-def _view(size: int, seed: int, view: int, images: np.ndarray, indices: np.ndarray
-          ) -> np.ndarray:
-    return augmented_views(images, indices, size, seed, view)
+def view_transform(size: int, seed: int, view: int) -> ViewTransform:
+    return ViewTransform(size, seed, view)

@@ -181,3 +181,24 @@ def split_frozen_bottom(backbone: keras.Model) -> tuple[keras.Model, keras.Model
         bottom = keras.Model(backbone.input, layers[cut].output, name="backbone_bottom")
         return bottom, top
     return None
+
+
+def feature_extractor_of(model: keras.Model) -> keras.Model:
+    """The extractor inside an image classifier (or the extractor itself)."""
+    if model.name.endswith("_features"):
+        return model
+    return next(layer for layer in model.layers if layer.name.endswith("_features"))
+
+
+def frozen_bottom_cut(extractor: keras.Model, bottom: keras.Model, top: keras.Model
+                      ) -> tuple[keras.Model, keras.Model]:
+    """The extractor cut where :func:`split_frozen_bottom` cut its backbone, as (image ->
+    preprocessing -> frozen bottom, cut -> top -> pooled features), sharing its layers: the
+    features are ``pooled(bottom(image))``, the fine-tune's cache holds ``bottom(image)``."""
+    names = [layer.name for layer in extractor.layers]
+    image = image_input(extractor.input_shape[1])
+    x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
+    bottom_model = keras.Model(image, bottom(x, training=False), name="frozen_bottom")
+    cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
+    pooled = extractor.get_layer("pool")(top(cut, training=False))
+    return bottom_model, keras.Model(cut, pooled, name="backbone_top")

@@ -32,6 +32,22 @@ def compile_forward(model, batch_size: int = FORWARD_BATCH):
     return forward
 
 
+def compile_cut_forward(model, batch_size: int = FORWARD_BATCH):
+    """Like :func:`compile_forward`, for a model of float32 inputs (a cut through a network:
+    the frozen bottom's output in, the rest of the network out)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.float32)
+
+    @tf.function(input_signature=[spec], jit_compile=bool(model.jit_compile))
+    def forward(inputs):
+        return tf.cast(model(inputs, training=False), tf.float32)
+
+    forward.batch_size = batch_size
+    forward.output_shape = tuple(model.output_shape[1:])
+    return forward
+
+
 def forward_batches(forward, trimmed_dir: Path, split: Split,
                     transform: Transform | None = None):
     """Yield ``forward``'s outputs (NumPy, float32) for the images of ``split`` in manifest

@@ -12,20 +12,26 @@ e mod (views + 1): augmented fine-tuning at the cost of plain epochs.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from foodtransfer.atomic import scratch_dir
 from foodtransfer.config import Params
 from foodtransfer.data.augment import crop_transform, view_transform
 from foodtransfer.data.datasets import image_dataset, npy_dataset, views_dataset
 from foodtransfer.data.images import NpyWriter
-from foodtransfer.data.manifests import Split, load_classes, load_splits
+from foodtransfer.data.manifests import Split, data_version, load_classes, load_splits
 from foodtransfer.errors import DataError
-from foodtransfer.models.classifiers import (augmentation, get_backbone_model,
+from foodtransfer.models.classifiers import (augmentation, feature_extractor_of,
+                                             frozen_bottom_cut, get_backbone_model,
                                              split_frozen_bottom, unfreeze_top)
-from foodtransfer.models.inference import compile_forward, write_outputs
+from foodtransfer.models.inference import (compile_forward, forward_batches, predict_array,
+                                           write_outputs)
 from foodtransfer.progress import progress
 from foodtransfer.results import (VariantPaths, finish_image_model, read_history,
                                   variant_run)
@@ -33,24 +39,30 @@ from foodtransfer.training import hyperrule
 from foodtransfer.training.distribute import prepare_training
 from foodtransfer.training.loop import History, fit
 
+log = logging.getLogger(__name__)
 
-def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Split],
-                        scratch: Path, strategy, *, views: int = 0, seed: int = 0):
-    """The model from the cut to the probabilities (created in ``strategy``'s scope, to be
-    trained there), after writing the frozen bottom's output for every validation image to
-    ``scratch/val.npy`` and for every training image and then each of its ``views``
-    augmented views to ``scratch/train.npy`` (streamed: memory does not grow with the
-    images)."""
+
+def top_model(model, top, strategy):
+    """The trainable part of ``model`` from the cut to the probabilities (created in
+    ``strategy``'s scope, to be trained there), sharing ``model``'s layers."""
     import keras
 
-    extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
-    head = model.get_layer("head")
-    names = [layer.name for layer in extractor.layers]
+    extractor = feature_extractor_of(model)
+    with strategy.scope():
+        cut = keras.Input(top.input_shape[1:], name="frozen_bottom_output")
+        outputs = model.get_layer("head")(extractor.get_layer("pool")(top(cut, training=False)))
+        return keras.Model(cut, outputs, name="finetune_top")
+
+
+def write_bottom_cache(model, bottom, top, trimmed: Path, splits: dict[str, Split],
+                       scratch: Path, *, views: int = 0, seed: int = 0) -> None:
+    """Write the frozen bottom's output for every validation image to ``scratch/val.npy`` and
+    for every training image and then each of its ``views`` augmented views to
+    ``scratch/train.npy`` (streamed: memory does not grow with the images). The fine-tune's
+    own cache, where the features stage's cannot serve."""
+    extractor = feature_extractor_of(model)
     size = extractor.input_shape[1]
-    image = keras.Input((size, size, 3), name="image")
-    x = extractor.get_layer("preprocess")(image) if "preprocess" in names else image
-    forward = compile_forward(keras.Model(image, bottom(x, training=False),
-                                          name="frozen_bottom"))
+    forward = compile_forward(frozen_bottom_cut(extractor, bottom, top)[0])
     plain = crop_transform(size) if size != model.input_shape[1] else None
     total = len(splits["val"]) + len(splits["train"]) * (views + 1)
     with progress(total=total, desc="frozen-bottom cache", unit="images") as bar:
@@ -61,14 +73,73 @@ def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Spl
                                         for view in range(1, views + 1)]:
                 write_outputs(forward, trimmed, splits["train"], writer.path, bar.update,
                               transform=transform, append=writer)
-    with strategy.scope():
-        cut = keras.Input(bottom.output_shape[1:], name="frozen_bottom_output")
-        outputs = head(extractor.get_layer("pool")(top(cut, training=False)))
-        return keras.Model(cut, outputs, name="finetune_top")
 
 
-def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_history: Path,
-        outputs: VariantPaths) -> str:
+def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Split],
+                        scratch: Path, strategy, *, views: int = 0, seed: int = 0):
+    """:func:`write_bottom_cache` into ``scratch``, then :func:`top_model`."""
+    write_bottom_cache(model, bottom, top, trimmed, splits, scratch, views=views, seed=seed)
+    return top_model(model, top, strategy)
+
+
+def features_stage_cache(cache: Path, model, bottom, top, params: Params, trimmed: Path,
+                         split_dir: Path, splits: dict[str, Split], *,
+                         tolerance: float = 1e-4) -> tuple[bool, str]:
+    """Whether the features stage's frozen-bottom cache in ``cache`` is this fine-tune's (same
+    data, backbone, cut and views, and the same numbers as ``model``'s own bottom on the
+    first validation images, to ``tolerance`` relative to their scale), and if not, why."""
+    meta_path = cache / "meta.json"
+    if not meta_path.is_file():
+        return False, f"{meta_path} is missing"
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("cached"):
+        return False, f"the features stage cached no bottom ({meta.get('reason')})"
+    tune = params.finetune
+    expected = {"backbone": params.backbone, "weights": params.weights,
+                "image_size": params.image_size, "unfreeze": tune.unfreeze,
+                "cut_layer": bottom.layers[-1].name, "views": tune.views,
+                "seed": params.data.seed, "data_version": data_version(split_dir),
+                "shape": [int(n) for n in bottom.output_shape[1:]]}
+    stale = [f"{key} {meta.get(key)!r} (now {value!r})" for key, value in expected.items()
+             if meta.get(key) != value]
+    if stale:
+        return False, (f"{cache} was made for other params: {', '.join(stale)}; "
+                       "'dvc repro features' remakes it")
+    rows = {"train": len(splits["train"]) * (tune.views + 1), "val": len(splits["val"]),
+            "test": len(splits["test"])}
+    for name, count in rows.items():
+        if meta["files"].get(name) != count:
+            return False, f"{cache}/{name}.npy holds {meta['files'].get(name)} rows, not {count}"
+    extractor = feature_extractor_of(model)
+    size = extractor.input_shape[1]
+    forward = compile_forward(frozen_bottom_cut(extractor, bottom, top)[0])
+    plain = crop_transform(size) if size != model.input_shape[1] else None
+    fresh = next(forward_batches(forward, trimmed, splits["val"], plain))
+    cached = np.load(cache / "val.npy", mmap_mode="r")[:len(fresh)]
+    scale = max(float(np.abs(cached).max()), 1e-30)
+    drift = float(np.abs(fresh - cached).max()) / scale
+    if drift > tolerance:
+        return False, (f"{cache} differs from this model's own frozen bottom (relative "
+                       f"{drift:.2g}): the dropout model's backbone is not the features "
+                       "stage's")
+    return True, ""
+
+
+def cached_probabilities(trainable, cache: Path, tta: bool) -> dict[str, np.ndarray]:
+    """Validation and test probabilities of the image model from the cached bottom outputs
+    (mirror-averaged with ``tta``): the image model's own, to float rounding."""
+    result = {}
+    for name in ("test", "val"):
+        probs = predict_array(trainable, np.load(cache / f"{name}.npy", mmap_mode="r"))
+        if tta:
+            probs = (probs + predict_array(trainable, np.load(cache / f"{name}_flip.npy",
+                                                              mmap_mode="r"))) / 2
+        result[name] = probs
+    return result
+
+
+def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_model: Path,
+        start_history: Path, outputs: VariantPaths) -> str:
     import keras
 
     setup = prepare_training(params)
@@ -87,6 +158,14 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
             model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
                                 name="image_classifier")
     parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
+    from_features = False
+    if parts is not None:
+        # The cache is float32; a float16 backbone (mixed precision) differs by more.
+        from_features, why = features_stage_cache(
+            bottom_cache, model, *parts, params, trimmed, split, splits,
+            tolerance=1e-4 if setup.precision_policy == "float32" else 2e-2)
+        if not from_features:
+            log.warning("finetune builds its own frozen-bottom cache: %s", why)
     start_rows = read_history(start_history)
     first_epoch = (int(start_rows[-1]["epoch"]) if start_rows else 0) + 1
     batch = params.batch_size
@@ -95,14 +174,16 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
     with variant_run(params, "finetune", split, setup,
                      {"backbone": params.backbone}) as run, \
             scratch_dir(outputs.model.with_name(outputs.model.name + "-bottom")) as scratch:
+        cache = bottom_cache if from_features else scratch
         if parts is not None:
             started = time.perf_counter()
-            trainable_model = cached_bottom_model(model, *parts, trimmed, splits, scratch,
-                                                  setup.strategy, views=config.views,
-                                                  seed=params.data.seed)
-            train = views_dataset(scratch / "train.npy", splits["train"].labels, batch,
+            if not from_features:
+                write_bottom_cache(model, *parts, trimmed, splits, scratch, views=config.views,
+                                   seed=params.data.seed)
+            trainable_model = top_model(model, parts[1], setup.strategy)
+            train = views_dataset(cache / "train.npy", splits["train"].labels, batch,
                                   views=config.views, epochs=config.epochs, seed=params.seed)
-            val = npy_dataset(scratch / "val.npy", splits["val"].labels, batch)
+            val = npy_dataset(cache / "val.npy", splits["val"].labels, batch)
             extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
         else:
             trainable_model = model
@@ -110,8 +191,11 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
                                   seed=params.seed)
             val = image_dataset(trimmed, splits["val"], batch)
         extra["cached_bottom"] = int(parts is not None)
+        extra["bottom_from_features"] = int(from_features)
         run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout",
-                      "cached_bottom": str(parts is not None)})
+                      "cached_bottom": str(parts is not None),
+                      "bottom_cache": ("features stage" if from_features else
+                                       "built by finetune" if parts is not None else "none")})
         history = History()
         if config.epochs:
             with setup.strategy.scope():
@@ -124,7 +208,15 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
                               first_epoch=first_epoch, on_epoch=run.log_epoch,
                               label_smoothing=config.label_smoothing,
                               dataset_spans_epochs=parts is not None)
-        # The full image model shares every layer with the trained one: evaluate and log it.
+        # The full image model shares every layer with the trained one: evaluate and log it,
+        # from the cached bottom outputs of validation and test where they are the same images.
+        probabilities = None
+        if from_features:
+            tta = any(layer.name == "tta" for layer in model.layers)
+            margin = model.input_shape[1] - feature_extractor_of(model).input_shape[1]
+            meta = json.loads((bottom_cache / "meta.json").read_text())
+            if meta.get("tta") == tta and margin % 2 == 0:
+                probabilities = cached_probabilities(trainable_model, bottom_cache, tta)
         what = (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
                 f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "
                 f"{config.epochs} epochs at learning rate "
@@ -134,4 +226,5 @@ def run(params: Params, trimmed: Path, split: Path, start_model: Path, start_his
                    and parts is not None else "") + ".")
         return finish_image_model("finetune", model, history, trimmed, splits, class_names,
                                   run, outputs, extra, what,
-                                  curve_rows=start_rows + history.rows)
+                                  curve_rows=start_rows + history.rows,
+                                  probabilities=probabilities)

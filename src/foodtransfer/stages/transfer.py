@@ -53,6 +53,8 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
     """Train a head (``Dropout(dropout)`` when > 0, ``L1L2(l1, l2)`` when either is > 0) on the
     cached features, evaluate it, and save the deployable model: raw images in, probabilities
     out (backbone + trained head). Returns the stage's summary line."""
+    import keras
+
     setup = prepare_training(params)
     class_names = load_classes(trimmed)
     splits = load_splits(split)
@@ -82,7 +84,10 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
         test_probs, val_probs = probabilities("test"), probabilities("val")
         test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
         validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
-        # Built under the precision policy, so fine-tuning it trains in that precision too.
+        # Built under the precision policy, so fine-tuning it trains in that precision too;
+        # seeded as the features stage seeds it, so that with weights=none too it is the
+        # backbone the features (and the fine-tune's frozen-bottom cache) came from.
+        keras.utils.set_random_seed(params.data.seed)
         extractor = build_feature_extractor(params.backbone, params.weights,
                                             crop_size(params.image_size, config.crop))
         classifier = build_image_classifier(extractor, head, image_size=params.image_size,
