@@ -108,13 +108,12 @@ class BottomCache:
 Block = tuple[str, Any]  # (split name, transform): one backbone pass over a split's images
 
 
-def _blocks(files: list[FeatureFile]) -> dict[Block, list[tuple[str, Split]]]:
+def _blocks(files: list[FeatureFile]) -> dict[Block, list[str]]:
     """Each distinct (split, transform) of ``files``, in order, with the files it feeds."""
-    blocks: dict[Block, list[tuple[str, Split]]] = {}
+    blocks: dict[Block, list[str]] = {}
     for entry in files:
         for transform in entry.transforms:
-            blocks.setdefault((entry.split.name, transform), []).append(
-                (entry.name, entry.split))
+            blocks.setdefault((entry.split.name, transform), []).append(entry.name)
     return blocks
 
 
@@ -161,10 +160,10 @@ def extract_features(extractor, trimmed_dir: Path, files: list[FeatureFile], out
         bar = stack.enter_context(progress(total=total, desc="backbone passes", unit="images",
                                            enabled=show_progress))
         for name, transform in order:
-            feature_to = [writers["features", file] for file, _ in
-                          feature_blocks.get((name, transform), [])]
-            bottom_to = [writers["bottom", file] for file, _ in
-                         bottom_blocks.get((name, transform), [])]
+            feature_to = [writers["features", file]
+                          for file in feature_blocks.get((name, transform), [])]
+            bottom_to = [writers["bottom", file]
+                         for file in bottom_blocks.get((name, transform), [])]
             if bottom is None:
                 batches = ((None, rows) for rows in
                            forward_batches(forward, trimmed_dir, splits[name], transform))

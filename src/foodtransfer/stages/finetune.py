@@ -3,11 +3,16 @@ layers unfrozen (BatchNormalization stays frozen), trained on at ``learning_rate
 finetune.lr_scale`` (params section ``finetune``).
 
 When nothing random happens inside the model before the unfrozen layers, the frozen bottom's
-output for each image never changes: it is computed once, streamed to a scratch file beside the
-model folder, and each epoch runs only the unfrozen top and the head (exact, much faster). With
-``finetune.views``, that cache also holds the bottom's output for as many seeded augmented
-views of each training image (the features stage's views), and epoch e trains on view
-e mod (views + 1): augmented fine-tuning at the cost of plain epochs.
+output for each image never changes: it is computed once and each epoch runs only the unfrozen
+top and the head (exact, much faster). With ``finetune.views``, that cache also holds the
+bottom's output for as many seeded augmented views of each training image (the features
+stage's views), and epoch e trains on view e mod (views + 1): augmented fine-tuning at the cost
+of plain epochs.
+
+The features stage writes that cache (``--bottom``, data/bottom) in the backbone passes it
+makes anyway; the fine-tune trains on it, and evaluates validation and test from it, after
+checking it is its own (:func:`features_stage_cache`). Where it is not, the fine-tune says why
+and streams its own to a scratch file beside the model folder.
 """
 
 from __future__ import annotations
