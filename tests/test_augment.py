@@ -146,7 +146,7 @@ def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tm
                                                                ) -> None:
     """The finetune stage's cache of a view's frozen-bottom output, through the trainable top,
     gives the full image model's probabilities on that same view (to 1e-4)."""
-    from foodtransfer.stages.finetune import cached_bottom_model
+    from foodtransfer.stages.finetune import bottom_pass, top_model, write_bottom_cache
     from foodtransfer.training.distribute import make_strategy
 
     keras.utils.set_random_seed(2)
@@ -156,8 +156,9 @@ def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tm
     model = build_image_classifier(extractor, head, image_size=IMAGE, tta=True)
     unfreeze_top(get_backbone_model(model), 5)
     bottom, top = split_frozen_bottom(get_backbone_model(model))
-    trainable = cached_bottom_model(model, bottom, top, trimmed, splits, tmp_path,
-                                    make_strategy("auto"), views=2, seed=42)
+    write_bottom_cache(*bottom_pass(model, bottom, top), trimmed, splits, tmp_path, views=2,
+                       seed=42)
+    trainable = top_model(model, top, make_strategy("auto"))
     cache = np.load(tmp_path / "train.npy")
     train = splits["train"]
     assert len(cache) == 3 * len(train)  # the plain image, then 2 views
@@ -248,8 +249,8 @@ def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed
     from foodtransfer.config import Params
     from foodtransfer.models.inference import compile_forward, predict_split
     from foodtransfer.stages import features
-    from foodtransfer.stages.finetune import (cached_probabilities, features_stage_cache,
-                                              top_model)
+    from foodtransfer.stages.finetune import (bottom_pass, cached_probabilities,
+                                              features_stage_cache, top_model)
     from foodtransfer.training.distribute import make_strategy
 
     raw = {"backbone": "MobileNetV2", "weights": "none", "image_size": IMAGE,
@@ -270,28 +271,31 @@ def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed
         return model, split_frozen_bottom(get_backbone_model(model))
 
     model, (bottom, top) = dropout_model(params.data.seed)
-    ok, why = features_stage_cache(out, model, bottom, top, params, trimmed, trimmed, splits)
+    forward, plain = bottom_pass(model, bottom, top)
+    ok, why = features_stage_cache(out, forward, plain, bottom, params, trimmed, trimmed,
+                                   splits)
     assert ok, why
     probabilities = cached_probabilities(top_model(model, top, make_strategy("auto")), out,
                                          tta=True)
-    forward = compile_forward(model)
+    image_forward = compile_forward(model)
     for name in ("val", "test"):
         np.testing.assert_allclose(probabilities[name],
-                                   predict_split(forward, trimmed, splits[name]), atol=1e-5)
+                                   predict_split(image_forward, trimmed, splits[name]),
+                                   atol=1e-5)
 
     other_views = Params.model_validate({**raw, "finetune": {"unfreeze": 5, "views": 3}})
-    ok, why = features_stage_cache(out, model, bottom, top, other_views, trimmed, trimmed,
+    ok, why = features_stage_cache(out, forward, plain, bottom, other_views, trimmed, trimmed,
                                    splits)
     assert not ok and "views 2 (now 3)" in why and "dvc repro features" in why
     other, (other_bottom, other_top) = dropout_model(7)
-    ok, why = features_stage_cache(out, other, other_bottom, other_top, params, trimmed,
-                                   trimmed, splits)
+    ok, why = features_stage_cache(out, *bottom_pass(other, other_bottom, other_top),
+                                   other_bottom, params, trimmed, trimmed, splits)
     assert not ok and "differs from this model's own frozen bottom" in why
     no_cache = Params.model_validate({**raw, "finetune": {"unfreeze": 5, "views": 0,
                                                           "cache_frozen": False}})
     features.run(no_cache, trimmed, trimmed, tmp_path / "features2", tmp_path / "f2.json",
                  tmp_path / "none")
     assert json.loads((tmp_path / "none" / "meta.json").read_text())["cached"] is False
-    ok, why = features_stage_cache(tmp_path / "none", model, bottom, top, params, trimmed,
+    ok, why = features_stage_cache(tmp_path / "none", forward, plain, bottom, params, trimmed,
                                    trimmed, splits)
     assert not ok and "finetune.cache_frozen is false" in why

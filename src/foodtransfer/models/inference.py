@@ -13,37 +13,21 @@ from foodtransfer.data.manifests import Split
 from foodtransfer.training.hyperrule import FORWARD_BATCH, PREDICT_BATCH
 
 
-def compile_forward(model, batch_size: int = FORWARD_BATCH):
-    """The forward pass of ``model`` (any Keras model of float images 0..255) as one compiled
-    function of a fixed input: a batch of exactly ``batch_size`` uint8 images, cast to float
-    on the device. Traced once (XLA where Keras would use it, i.e. on GPU)."""
+def compile_forward(model, batch_size: int = FORWARD_BATCH, input_dtype: str = "uint8"):
+    """The forward pass of ``model`` as one compiled function of a fixed input: a batch of
+    exactly ``batch_size`` inputs, cast to float on the device. Inputs are uint8 images for a
+    model of float images 0..255, or float32 (``input_dtype``) for a cut through a network
+    (the frozen bottom's output in). Traced once (XLA where Keras would use it, i.e. on GPU)."""
     import tensorflow as tf
 
-    height, width, channels = model.input_shape[1:]
-    spec = tf.TensorSpec((batch_size, height, width, channels), tf.uint8)
-
-    @tf.function(input_signature=[spec], jit_compile=bool(model.jit_compile))
-    def forward(images):
-        return model(tf.cast(images, tf.float32), training=False)
-
-    forward.batch_size = batch_size
-    forward.input_size = int(height)
-    forward.output_shape = tuple(model.output_shape[1:])
-    return forward
-
-
-def compile_cut_forward(model, batch_size: int = FORWARD_BATCH):
-    """Like :func:`compile_forward`, for a model of float32 inputs (a cut through a network:
-    the frozen bottom's output in, the rest of the network out)."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.float32)
+    spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.as_dtype(input_dtype))
 
     @tf.function(input_signature=[spec], jit_compile=bool(model.jit_compile))
     def forward(inputs):
-        return tf.cast(model(inputs, training=False), tf.float32)
+        return model(tf.cast(inputs, tf.float32), training=False)
 
     forward.batch_size = batch_size
+    forward.input_size = int(model.input_shape[1])
     forward.output_shape = tuple(model.output_shape[1:])
     return forward
 
@@ -81,6 +65,15 @@ def predict_split(forward, trimmed_dir: Path, split: Split) -> np.ndarray:
     """Class probabilities for every image of ``split`` (manifest order) from ``forward``, an
     image model's :func:`compile_forward`."""
     return np.concatenate(list(forward_batches(forward, trimmed_dir, split)))
+
+
+def mirror_averaged(model, rows, mirrored=None) -> np.ndarray:
+    """``model``'s probabilities for cached ``rows`` (features, frozen-bottom outputs), averaged
+    with those for the rows of the mirror images where given (test-time augmentation)."""
+    probabilities = predict_array(model, rows)
+    if mirrored is None:
+        return probabilities
+    return (probabilities + predict_array(model, mirrored)) / 2
 
 
 def predict_array(model, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:

@@ -58,6 +58,10 @@ class FeatureFile:
     split: Split
     transforms: tuple[Transform | None, ...]
 
+    @property
+    def rows(self) -> int:
+        return len(self.split) * len(self.transforms)
+
 
 def feature_files(splits: dict[str, Split], image_size: int, size: int, *, views: int = 0,
                   tta: bool = False, seed: int = 0) -> list[FeatureFile]:
@@ -127,8 +131,6 @@ def extract_features(extractor, trimmed_dir: Path, files: list[FeatureFile], out
     fine-tune both need goes through the backbone once.
 
     ``forward``: a function from :func:`compile_forward`, to reuse its trace across calls."""
-    from foodtransfer.models.inference import compile_cut_forward
-
     dim = int(extractor.output_shape[-1])
     feature_blocks = _blocks(files)
     bottom_blocks = _blocks(bottom.files) if bottom else {}
@@ -140,7 +142,7 @@ def extract_features(extractor, trimmed_dir: Path, files: list[FeatureFile], out
                 raise ValueError(f"cache file {entry.name}: its transforms are out of order")
     if bottom is not None:
         bottom_forward = compile_forward(bottom.bottom)
-        top_forward = compile_cut_forward(bottom.top)
+        top_forward = compile_forward(bottom.top, input_dtype="float32")
     elif forward is None:
         forward = compile_forward(extractor)
     splits = {entry.split.name: entry.split
@@ -177,15 +179,13 @@ def extract_features(extractor, trimmed_dir: Path, files: list[FeatureFile], out
                     writer.extend(features)
                 bar.update(len(cut if features is None else features))
         (tmp / "meta.json").write_text(json.dumps(
-            {**metadata, "dim": dim, "images": sum(len(e.split) * len(e.transforms)
-                                                   for e in files),
-             "files": {entry.name: len(entry.split) * len(entry.transforms)
-                       for entry in files}}, indent=2) + "\n")
+            {**metadata, "dim": dim, "images": sum(entry.rows for entry in files),
+             "files": {entry.name: entry.rows for entry in files}}, indent=2) + "\n")
         if bottom is not None:
             (bottom_tmp / "meta.json").write_text(json.dumps(
                 {**bottom.metadata, "cached": True, "shape": list(shape),
-                 "files": {entry.name: len(entry.split) * len(entry.transforms)
-                           for entry in bottom.files}}, indent=2) + "\n")
+                 "files": {entry.name: entry.rows for entry in bottom.files}},
+                indent=2) + "\n")
     return FeatureResult(total, time.perf_counter() - started, dim)
 
 
@@ -197,7 +197,8 @@ def _two_part_batches(bottom_forward, top_forward, trimmed_dir: Path, split: Spl
                             size=bottom_forward.input_size if transform else None)
     for images, count in dataset:
         cut = bottom_forward(images).numpy().astype("float32", copy=False)
-        features = top_forward(cut).numpy()[:int(count)] if top_forward else None
+        features = (top_forward(cut).numpy()[:int(count)].astype("float32", copy=False)
+                    if top_forward else None)
         yield cut[:int(count)], features
 
 
@@ -236,8 +237,9 @@ def run(params: Params, trimmed: Path, split: Path, out: Path, metrics: Path,
                   "finetune.augment is true") + ": the fine-tune makes full passes"
     else:
         # The fine-tune's cut: where it will unfreeze (trainable flags do not change inference).
-        unfreeze_top(get_backbone_model(extractor), tune.unfreeze)
-        parts = split_frozen_bottom(get_backbone_model(extractor))
+        backbone = get_backbone_model(extractor)
+        unfreeze_top(backbone, tune.unfreeze)
+        parts = split_frozen_bottom(backbone)
         reason = (f"finetune.unfreeze = {tune.unfreeze} leaves no frozen bottom to cache"
                   if parts is None else "")
         if parts is not None:
@@ -261,7 +263,7 @@ def run(params: Params, trimmed: Path, split: Path, out: Path, metrics: Path,
         "images": result.images, "seconds": round(result.seconds, 3),
         "images_per_second": round(result.images_per_second, 2)}, indent=2) + "\n")
     return (f"{params.backbone} features ({result.dim}-d, {size} px) of "
-            f"{sum(len(e.split) * len(e.transforms) for e in files)} images "
+            f"{sum(entry.rows for entry in files)} images "
             f"({config.views} augmented views per training image, mirror images "
             f"{'too' if config.tta else 'not'})"
             + (f" and the fine-tune's frozen-bottom cache ({tune.views} views)" if bottom

@@ -35,7 +35,7 @@ from foodtransfer.errors import DataError
 from foodtransfer.models.classifiers import (augmentation, feature_extractor_of,
                                              frozen_bottom_cut, get_backbone_model,
                                              split_frozen_bottom, unfreeze_top)
-from foodtransfer.models.inference import (compile_forward, forward_batches, predict_array,
+from foodtransfer.models.inference import (compile_forward, forward_batches, mirror_averaged,
                                            write_outputs)
 from foodtransfer.progress import progress
 from foodtransfer.results import (VariantPaths, finish_image_model, read_history,
@@ -59,88 +59,79 @@ def top_model(model, top, strategy):
         return keras.Model(cut, outputs, name="finetune_top")
 
 
-def write_bottom_cache(model, bottom, top, trimmed: Path, splits: dict[str, Split],
-                       scratch: Path, *, views: int = 0, seed: int = 0) -> None:
-    """Write the frozen bottom's output for every validation image to ``scratch/val.npy`` and
-    for every training image and then each of its ``views`` augmented views to
-    ``scratch/train.npy`` (streamed: memory does not grow with the images). The fine-tune's
-    own cache, where the features stage's cannot serve."""
+def bottom_pass(model, bottom, top):
+    """The frozen bottom's compiled forward pass over ``model``'s images, and the transform
+    that gives it their centre crop (None: the images as they are)."""
     extractor = feature_extractor_of(model)
     size = extractor.input_shape[1]
     forward = compile_forward(frozen_bottom_cut(extractor, bottom, top)[0])
-    plain = crop_transform(size) if size != model.input_shape[1] else None
+    return forward, crop_transform(size) if size != model.input_shape[1] else None
+
+
+def write_bottom_cache(forward, plain, trimmed: Path, splits: dict[str, Split], scratch: Path,
+                       *, views: int = 0, seed: int = 0) -> None:
+    """Write ``forward``'s output (:func:`bottom_pass`) for every validation image to
+    ``scratch/val.npy`` and for every training image and then each of its ``views`` augmented
+    views to ``scratch/train.npy`` (streamed: memory does not grow with the images). The
+    fine-tune's own cache, where the features stage's cannot serve."""
     total = len(splits["val"]) + len(splits["train"]) * (views + 1)
     with progress(total=total, desc="frozen-bottom cache", unit="images") as bar:
         write_outputs(forward, trimmed, splits["val"], scratch / "val.npy", bar.update,
                       transform=plain)
         with NpyWriter(scratch / "train.npy", forward.output_shape, "float32") as writer:
-            for transform in [plain] + [view_transform(size, seed, view)
+            for transform in [plain] + [view_transform(forward.input_size, seed, view)
                                         for view in range(1, views + 1)]:
                 write_outputs(forward, trimmed, splits["train"], writer.path, bar.update,
                               transform=transform, append=writer)
 
 
-def cached_bottom_model(model, bottom, top, trimmed: Path, splits: dict[str, Split],
-                        scratch: Path, strategy, *, views: int = 0, seed: int = 0):
-    """:func:`write_bottom_cache` into ``scratch``, then :func:`top_model`."""
-    write_bottom_cache(model, bottom, top, trimmed, splits, scratch, views=views, seed=seed)
-    return top_model(model, top, strategy)
-
-
-def features_stage_cache(cache: Path, model, bottom, top, params: Params, trimmed: Path,
+def features_stage_cache(cache: Path, forward, plain, bottom, params: Params, trimmed: Path,
                          split_dir: Path, splits: dict[str, Split], *,
-                         tolerance: float = 1e-4) -> tuple[bool, str]:
-    """Whether the features stage's frozen-bottom cache in ``cache`` is this fine-tune's (same
-    data, backbone, cut and views, and the same numbers as ``model``'s own bottom on the
-    first validation images, to ``tolerance`` relative to their scale), and if not, why."""
+                         tolerance: float = 1e-4) -> tuple[dict | None, str]:
+    """The meta of the features stage's frozen-bottom cache in ``cache`` where it is this
+    fine-tune's (same data, backbone, cut and views, and the same numbers as its own bottom
+    pass ``forward`` gives the first validation images, to ``tolerance`` relative to their
+    scale), else None and why."""
     meta_path = cache / "meta.json"
     if not meta_path.is_file():
-        return False, f"{meta_path} is missing"
+        return None, f"{meta_path} is missing"
     meta = json.loads(meta_path.read_text())
     if not meta.get("cached"):
-        return False, f"the features stage cached no bottom ({meta.get('reason')})"
+        return None, f"the features stage cached no bottom ({meta.get('reason')})"
     tune = params.finetune
     expected = {"backbone": params.backbone, "weights": params.weights,
                 "image_size": params.image_size, "unfreeze": tune.unfreeze,
                 "cut_layer": bottom.layers[-1].name, "views": tune.views,
                 "seed": params.data.seed, "data_version": data_version(split_dir),
-                "shape": [int(n) for n in bottom.output_shape[1:]]}
+                "shape": list(forward.output_shape)}
     stale = [f"{key} {meta.get(key)!r} (now {value!r})" for key, value in expected.items()
              if meta.get(key) != value]
     if stale:
-        return False, (f"{cache} was made for other params: {', '.join(stale)}; "
-                       "'dvc repro features' remakes it")
+        return None, (f"{cache} was made for other params: {', '.join(stale)}; "
+                      "'dvc repro features' remakes it")
     rows = {"train": len(splits["train"]) * (tune.views + 1), "val": len(splits["val"]),
             "test": len(splits["test"])}
     for name, count in rows.items():
         if meta["files"].get(name) != count:
-            return False, f"{cache}/{name}.npy holds {meta['files'].get(name)} rows, not {count}"
-    extractor = feature_extractor_of(model)
-    size = extractor.input_shape[1]
-    forward = compile_forward(frozen_bottom_cut(extractor, bottom, top)[0])
-    plain = crop_transform(size) if size != model.input_shape[1] else None
+            return None, f"{cache}/{name}.npy holds {meta['files'].get(name)} rows, not {count}"
     fresh = next(forward_batches(forward, trimmed, splits["val"], plain))
     cached = np.load(cache / "val.npy", mmap_mode="r")[:len(fresh)]
     scale = max(float(np.abs(cached).max()), 1e-30)
     drift = float(np.abs(fresh - cached).max()) / scale
     if drift > tolerance:
-        return False, (f"{cache} differs from this model's own frozen bottom (relative "
-                       f"{drift:.2g}): the dropout model's backbone is not the features "
-                       "stage's")
-    return True, ""
+        return None, (f"{cache} differs from this model's own frozen bottom (relative "
+                      f"{drift:.2g}): the dropout model's backbone is not the features "
+                      "stage's")
+    return meta, ""
 
 
 def cached_probabilities(trainable, cache: Path, tta: bool) -> dict[str, np.ndarray]:
     """Validation and test probabilities of the image model from the cached bottom outputs
     (mirror-averaged with ``tta``): the image model's own, to float rounding."""
-    result = {}
-    for name in ("test", "val"):
-        probs = predict_array(trainable, np.load(cache / f"{name}.npy", mmap_mode="r"))
-        if tta:
-            probs = (probs + predict_array(trainable, np.load(cache / f"{name}_flip.npy",
-                                                              mmap_mode="r"))) / 2
-        result[name] = probs
-    return result
+    return {name: mirror_averaged(
+        trainable, np.load(cache / f"{name}.npy", mmap_mode="r"),
+        np.load(cache / f"{name}_flip.npy", mmap_mode="r") if tta else None)
+        for name in ("test", "val")}
 
 
 def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_model: Path,
@@ -163,14 +154,16 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
             model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
                                 name="image_classifier")
     parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
-    from_features = False
+    meta = None
     if parts is not None:
+        forward, plain = bottom_pass(model, *parts)
         # The cache is float32; a float16 backbone (mixed precision) differs by more.
-        from_features, why = features_stage_cache(
-            bottom_cache, model, *parts, params, trimmed, split, splits,
+        meta, why = features_stage_cache(
+            bottom_cache, forward, plain, parts[0], params, trimmed, split, splits,
             tolerance=1e-4 if setup.precision_policy == "float32" else 2e-2)
-        if not from_features:
+        if meta is None:
             log.warning("finetune builds its own frozen-bottom cache: %s", why)
+    from_features = meta is not None
     start_rows = read_history(start_history)
     first_epoch = (int(start_rows[-1]["epoch"]) if start_rows else 0) + 1
     batch = params.batch_size
@@ -183,8 +176,8 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
         if parts is not None:
             started = time.perf_counter()
             if not from_features:
-                write_bottom_cache(model, *parts, trimmed, splits, scratch, views=config.views,
-                                   seed=params.data.seed)
+                write_bottom_cache(forward, plain, trimmed, splits, scratch,
+                                   views=config.views, seed=params.data.seed)
             trainable_model = top_model(model, parts[1], setup.strategy)
             train = views_dataset(cache / "train.npy", splits["train"].labels, batch,
                                   views=config.views, epochs=config.epochs, seed=params.seed)
@@ -216,11 +209,11 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
         # The full image model shares every layer with the trained one: evaluate and log it,
         # from the cached bottom outputs of validation and test where they are the same images.
         probabilities = None
-        if from_features:
+        if meta is not None:
             tta = any(layer.name == "tta" for layer in model.layers)
-            margin = model.input_shape[1] - feature_extractor_of(model).input_shape[1]
-            meta = json.loads((bottom_cache / "meta.json").read_text())
-            if meta.get("tta") == tta and margin % 2 == 0:
+            # Mirror of the crop = crop of the mirror (what the image model does) when the
+            # crop's margins are even.
+            if meta.get("tta") == tta and (model.input_shape[1] - forward.input_size) % 2 == 0:
                 probabilities = cached_probabilities(trainable_model, bottom_cache, tta)
         what = (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
                 f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "

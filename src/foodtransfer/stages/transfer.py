@@ -20,7 +20,7 @@ from foodtransfer.errors import DataError
 from foodtransfer.evaluation import evaluate
 from foodtransfer.models.classifiers import (build_feature_extractor, build_head,
                                              build_image_classifier, parameter_counts)
-from foodtransfer.models.inference import predict_array
+from foodtransfer.models.inference import mirror_averaged, predict_array
 from foodtransfer.results import (VariantPaths, save_model, summary, variant_run,
                                   write_results)
 from foodtransfer.training.distribute import prepare_training
@@ -76,10 +76,8 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
                           on_epoch=run.log_epoch, seed=params.seed)
 
         def probabilities(name: str) -> np.ndarray:
-            plain = predict_array(head, cached[name])
-            if not config.tta:
-                return plain
-            return (plain + predict_array(head, cached[f"{name}_flip"])) / 2
+            return mirror_averaged(head, cached[name],
+                                   cached[f"{name}_flip"] if config.tta else None)
 
         test_probs, val_probs = probabilities("test"), probabilities("val")
         test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
