@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from foodtransfer.config import load_params
+from foodtransfer.config import check_weights_folder, load_params
 from foodtransfer.stages.runner import INPUT, OUTPUT, prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
@@ -29,12 +29,16 @@ def main(
                                    help="Figures, report, class names, MLflow run id."),
     model: Path = typer.Option(..., rich_help_panel=OUTPUT,
                                help="Model folder (model.keras, classes.json)."),
+    weights_folder: Path = typer.Option(
+        Path("weights"), rich_help_panel=INPUT,
+        help="Local weights files: the weights param may name a file here, nowhere else."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
     prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing TensorFlow
+        check_weights_folder(config.weights, weights_folder)
         from foodtransfer.results import VariantPaths
         from foodtransfer.stages.dropout import run
 

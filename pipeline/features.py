@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from foodtransfer.config import load_params
+from foodtransfer.config import check_weights_folder, load_params
 from foodtransfer.stages.runner import INPUT, OUTPUT, prepare_tensorflow, run_stage
 
 app = typer.Typer(add_completion=False)
@@ -24,12 +24,16 @@ def main(
                                     help="The fine-tune's frozen-bottom cache (data/bottom)."),
     metrics: Path = typer.Option(..., rich_help_panel=OUTPUT,
                                  help="Extraction timings (metrics/features.json)."),
+    weights_folder: Path = typer.Option(
+        Path("weights"), rich_help_panel=INPUT,
+        help="Local weights files: the weights param may name a file here, nowhere else."),
     params: Path = typer.Option(Path("params.yaml"), help="Validated params file."),
 ) -> None:
     prepare_tensorflow()
 
     def body() -> str:
         config = load_params(params)  # validate before importing TensorFlow
+        check_weights_folder(config.weights, weights_folder)
         from foodtransfer.stages.features import run
 
         return run(config, trimmed, split, out, metrics, bottom_out)

@@ -199,3 +199,26 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> Any
                                                               "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+# ------------------------------------------------------------- the learnable stand-in backbone
+@pytest.fixture(scope="session")
+def standin_weights() -> Path:
+    """MobileNetV2 weights pretrained by the suite on generated classes (tests/standin.py):
+    frozen, they carry the sample's signal, as ImageNet weights carry a photo's. Read-only."""
+    from standin import standin_weights as make
+
+    return make()
+
+
+def add_weights(repo: Path, weights: Path, env: dict[str, str]) -> str:
+    """Copy ``weights`` into ``repo``'s weights/ folder and track it with DVC, as a user
+    brings local weights; returns the value for the ``weights`` param."""
+    import shutil
+
+    target = repo / "weights" / "standin.weights.h5"
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy(weights, target)
+    subprocess.run(["dvc", "add", "-q", str(target.relative_to(repo))], cwd=repo, env=env,
+                   check=True, capture_output=True, timeout=300)
+    return "weights/standin.weights.h5"

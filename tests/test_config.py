@@ -10,6 +10,7 @@ import pytest
 from foodtransfer.data import food101
 from foodtransfer.config import (
     BACKBONES,
+    check_weights_folder,
     DEFAULT_CLASSES,
     FOOD101_MD5,
     FOOD101_URL,
@@ -226,11 +227,30 @@ def test_weights_file_that_does_not_exist(tmp_path: Path) -> None:
     assert str(missing) in message
 
 
-def test_weights_file_that_exists_is_accepted(tmp_path: Path) -> None:
-    weights = tmp_path / "model.weights.h5"
-    weights.write_bytes(b"\x89HDF")
-    assert parse_params({"weights": str(weights)}).weights == str(weights)
-    assert parse_params({"weights": "none"}).weights == "none"
+def test_weights_file_in_the_weights_folder_is_accepted(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.weights.h5").write_bytes(b"\x89HDF")
+    assert parse_params({"weights": "weights/model.weights.h5"}).weights == \
+        "weights/model.weights.h5"
+    for weights in ("weights/model.weights.h5", str(tmp_path / "weights" / "model.weights.h5"),
+                    "none", "imagenet"):
+        check_weights_folder(weights, Path("weights"))
+
+
+def test_weights_file_outside_the_weights_folder_is_refused(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """DVC sees a local weights file only in weights/ (a dependency of the stages)."""
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "elsewhere" / "model.weights.h5"
+    outside.parent.mkdir()
+    outside.write_bytes(b"\x89HDF")
+    with pytest.raises(ConfigError) as info:
+        check_weights_folder(str(outside), Path("weights"))
+    message = str(info.value)
+    assert f"weights = {str(outside)!r} is outside the project's weights/ folder" in message
+    assert "dvc add weights/model.weights.h5" in message
+    assert "weights = weights/model.weights.h5" in message
 
 
 def test_min_side_above_max_side_is_rejected() -> None:

@@ -1,6 +1,10 @@
 """dvc.yaml is a complete and exact DAG: every stage lists as deps every project module its
 script imports (transitively, found with ``ast``: no TensorFlow needed) and every path it reads,
-and as outs every path it writes, nothing more.
+as outs every path it writes, and as params every key it reads, nothing more.
+
+The params a stage reads are recorded by a real run (FOODTRANSFER_RECORD_PARAMS, see
+``foodtransfer.config.record_reads``): the end-to-end test runs the pipeline so and checks
+every stage with :func:`params_problems`.
 
 Paths come from each stage's ``cmd``: its script's options are in the help panel "Inputs"
 (deps), "Outputs" (outs) or "Cache" (neither). ``python tests/test_dag.py`` prints the deps
@@ -163,6 +167,43 @@ def dag_problems(name: str, stage: dict) -> list[str]:
     return problems
 
 
+# Keys a stage reads only under other params than the end-to-end run's (the generated sample):
+# the download stage reads data.url and data.md5 only for the real archive.
+READ_ON_ANOTHER_PATH = {"download": {"data.url", "data.md5"}}
+
+
+def params_problems(name: str, stage: dict, read: list[str]) -> list[str]:
+    """What is missing from or extra in ``stage``'s params, given the keys it ``read``: a
+    listed section must be read whole (else list its keys), a listed key must be read, and
+    every key read must be listed (itself or its section). A stage that lists the whole file
+    (``params.yaml:``, the report) is not checked."""
+    listed = []
+    for entry in stage.get("params") or []:
+        if isinstance(entry, dict):
+            return []  # a whole params file
+        listed.append(entry)
+    problems = []
+    for key in read:
+        if not any(key == entry or key.startswith(entry + ".") for entry in listed):
+            problems.append(f"misses param {key} (read)")
+    optional = READ_ON_ANOTHER_PATH.get(name, set())
+    for entry in listed:
+        under = [key for key in read if key == entry or key.startswith(entry + ".")]
+        if entry in optional:
+            continue
+        if not under:
+            problems.append(f"lists param {entry}, which it does not read")
+        elif entry not in under:  # a section: every key of it must be read
+            from foodtransfer.config import Params, flatten
+
+            keys = [key for key in flatten(Params()) if key.startswith(entry + ".")]
+            unread = sorted(set(keys) - set(under) - optional)
+            if unread:
+                problems.append(f"lists section {entry}, but does not read {', '.join(unread)}"
+                                " (list the keys it reads)")
+    return problems
+
+
 STAGES = list(stages())
 
 
@@ -191,6 +232,19 @@ def test_the_checker_finds_a_deleted_dep(tmp_path: Path) -> None:
     stage = dict(stages()["split"])
     stage["outs"] = stage["outs"] + ["data/extra"]
     assert "lists out data/extra, which its cmd does not pass" in dag_problems("split", stage)
+
+
+def test_the_params_checker_names_a_missing_or_extra_key() -> None:
+    stage = dict(stages()["transfer"])
+    read = ["backbone", "data.seed", "features.crop", "features.tta", "features.views", "seed"]
+    stage["params"] = ["backbone", "features", "seed", "epochs"]
+    assert params_problems("transfer", stage, read) == [
+        "misses param data.seed (read)", "lists param epochs, which it does not read"]
+    stage["params"] = ["backbone", "data.seed", "features", "seed"]
+    assert params_problems("transfer", stage, read[:-2] + ["seed"]) == [
+        "lists section features, but does not read features.views (list the keys it reads)"]
+    assert params_problems("transfer", stage, read) == []
+    assert params_problems("report", stages()["report"], ["seed"]) == []
 
 
 def test_import_closure_follows_relative_and_nested_imports(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "faults"
 EPOCHS = 12  # head epochs: long enough that the dropout stage can be stopped mid-training
 PARAMS = {
-    "image_size": 32, "backbone": "MobileNetV2", "weights": "none", "batch_size": 16,
+    "image_size": 32, "backbone": "MobileNetV2", "batch_size": 16,  # stand-in weights
     "epochs": EPOCHS, "patience": EPOCHS,
     "data": {"source": "sample", "classes": ["apple_pie", "pizza", "sushi", "tacos"],
              "samples_per_class": 40, "test_per_class": 8,
@@ -281,8 +281,8 @@ def closed_port() -> int:
 # ---------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    repo, env = make_repo(tmp_path_factory.mktemp("faults"), PARAMS)
+def reference(tmp_path_factory, standin_weights):
+    repo, env = make_repo(tmp_path_factory.mktemp("faults"), PARAMS, standin_weights)
     first = run(["dvc", "repro", "dropout"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "reference run"], repo, env)

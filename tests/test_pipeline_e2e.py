@@ -26,9 +26,10 @@ VARIANTS = ("baseline", "transfer", "dropout", "finetune")
 ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS, "report")
 
 # The default recipe (features.crop 0.875: the backbone sees 32 of 36 px, 2 augmented views,
-# TTA; 4 fine-tune views, cosine) at a tiny size.
+# TTA; 4 fine-tune views, cosine) at a tiny size, on the suite's stand-in backbone (weights
+# set by make_repo).
 TINY = {
-    "image_size": 36, "backbone": "MobileNetV2", "weights": "none", "batch_size": 16,
+    "image_size": 36, "backbone": "MobileNetV2", "batch_size": 16,
     "epochs": 3, "patience": 2,
     "data": {"source": "sample", "classes": ["apple_pie", "pizza", "sushi", "tacos"],
              "samples_per_class": 30, "test_per_class": 8,
@@ -52,17 +53,21 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z]+)'", output))
 
 
-def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
-    """A fresh git + DVC repository holding the project's pipeline with tiny params."""
+def make_repo(root: Path, overrides: dict, weights: Path | None = None
+              ) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC repository holding the project's pipeline with tiny params; with
+    ``weights`` (the suite's stand-in backbone), that file in weights/, tracked by DVC, and
+    ``weights`` set to it, as a user brings local weights."""
+    from conftest import add_weights
+
     repo = root / "project"
     repo.mkdir()
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
-    for name in ("pipeline", "src"):
+    for name in ("pipeline", "src", "weights"):
         shutil.copytree(PROJECT / name, repo / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = merge_params(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.h5",
+                                                      "*.dvc"))
     # Not FOODTRANSFER_PROGRESS either: the stages print progress lines as in any log.
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "DVC_", "FOODTRANSFER_"))}
@@ -74,15 +79,21 @@ def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["dvc", "init", "-q"], repo, env)
+    if weights is not None:
+        overrides = merge_params(overrides, {"weights": add_weights(repo, weights, env)})
+    params = merge_params(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "pipeline"], repo, env)
     return repo, env
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    repo, env = make_repo(tmp_path_factory.mktemp("e2e"), TINY)
-    first = run(["dvc", "repro"], repo, env)
+def pipeline(tmp_path_factory, standin_weights):
+    repo, env = make_repo(tmp_path_factory.mktemp("e2e"), TINY, standin_weights)
+    # The first run records which params each stage reads (the DAG test's params check).
+    recorded = tmp_path_factory.mktemp("params_read")
+    first = run(["dvc", "repro"], repo, {**env, "FOODTRANSFER_RECORD_PARAMS": str(recorded)})
     snapshot = {v: json.loads((repo / f"metrics/{v}.json").read_text()) for v in VARIANTS}
     second = run(["dvc", "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
@@ -97,7 +108,7 @@ def pipeline(tmp_path_factory):
     evaluation.write_text(original)
     fresh = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
     return {"repo": repo, "env": env, "first": first, "second": second,
-            "experiment": experiment, "first_metrics": snapshot,
+            "experiment": experiment, "first_metrics": snapshot, "params_read": recorded,
             "status_after_code_edit": stale, "status_after_revert": fresh}
 
 

@@ -75,13 +75,13 @@ def checksums(repo: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("team")
     server = TrackingServer(root / "server")
     server.start()
     try:
         (root / "a").mkdir()
-        a, env = make_repo(root / "a", TINY)
+        a, env = make_repo(root / "a", TINY, standin_weights)
         # SQLite behind the server has one writer: sample system metrics every 5 s, not 1 s.
         env = {**env, "MLFLOW_TRACKING_URI": server.url,
                "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}

@@ -94,16 +94,39 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _temporary_dir(path)
     try:
         yield tmp
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
-            os.replace(path, trash / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace(source: Path, path: Path) -> None:
+    """Put the file or folder ``source`` at ``path`` (same file system) by a rename, moving
+    whatever was there out of the way first."""
+    if path.exists():
+        trash = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
+        os.replace(path, trash / path.name)
+        os.replace(source, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(source, path)
+
+
+@contextlib.contextmanager
+def staged(paths: list[Path]) -> Iterator[list[Path]]:
+    """Yield a stand-in for each of ``paths`` (same name, in a hidden temporary folder beside
+    it); when the block succeeds each stand-in that was written is renamed onto its path, and
+    otherwise none is: a stage that fails after writing leaves no output behind."""
+    temporaries = [_temporary_dir(Path(path)) for path in paths]
+    try:
+        stand_ins = [tmp / Path(path).name for tmp, path in zip(temporaries, paths)]
+        yield stand_ins
+        for stand_in, path in zip(stand_ins, paths):
+            if stand_in.exists():
+                replace(stand_in, Path(path))
+    finally:
+        for tmp in temporaries:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -51,10 +51,48 @@ Rate = Annotated[float, Field(gt=0, le=1)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
+# Which params a stage reads, recorded where FOODTRANSFER_RECORD_PARAMS names a folder (the
+# DAG test's run of the pipeline): the stage runner writes ``<folder>/<stage>.json``, and
+# tests/test_dag.py checks each stage's params in dvc.yaml against it.
+RECORD_PARAMS_ENV = "FOODTRANSFER_RECORD_PARAMS"
+_read_keys: set[str] | None = None  # the dotted keys read since recording started
+_section_prefixes: dict[int, str] = {}  # id(section object) -> "section." of the loaded params
+
+
 class Section(BaseModel):
     """A params section: no unknown keys, no type coercion ("10" is not 10), finite numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _read_keys is not None and not name.startswith("_"):
+            prefix = _section_prefixes.get(id(self))
+            if (prefix is not None and name in type(self).model_fields
+                    and not isinstance(value, Section)):
+                _read_keys.add(prefix + name)
+        return value
+
+
+def record_reads(params: "Params") -> None:
+    """From now on, remember which keys of ``params`` the code reads (a leaf read through
+    its section counts as the dotted key; ``flatten``, which logs them all, does not)."""
+    global _read_keys
+
+    def walk(section: Section, prefix: str) -> None:
+        _section_prefixes[id(section)] = prefix
+        for name in type(section).model_fields:
+            value = object.__getattribute__(section, "__dict__")[name]
+            if isinstance(value, Section):
+                walk(value, f"{prefix}{name}.")
+
+    walk(params, "")
+    _read_keys = set()
+
+
+def params_read() -> list[str] | None:
+    """The keys read since :func:`record_reads` (None when not recording)."""
+    return None if _read_keys is None else sorted(_read_keys)
 
 
 class SampleConfig(Section):
@@ -341,7 +379,24 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"params: {path} is not valid YAML: {error}") from error
-    return parse_params(raw)
+    params = parse_params(raw)
+    if os.environ.get(RECORD_PARAMS_ENV):
+        record_reads(params)
+    return params
+
+
+def check_weights_folder(weights: str, folder: Path) -> None:
+    """A local weights file must lie in ``folder`` (the stage's ``--weights-folder``, a DVC
+    dependency), so that replacing it re-runs the stages that read it."""
+    if weights in ("imagenet", "none"):
+        return
+    if Path(folder).resolve() not in Path(weights).resolve().parents:
+        name = Path(weights).name
+        raise ConfigError(
+            f"params: weights = {weights!r} is outside the project's {folder}/ folder, where "
+            "DVC sees a local weights file (a dependency of the stages that read it: replace "
+            f"the file and they re-run). Copy it there, track it with 'dvc add {folder}/{name}' "
+            f"(queued experiments get it from DVC) and set weights = {folder}/{name}.")
 
 
 def flatten(params: Section) -> dict[str, Any]:

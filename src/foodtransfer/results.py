@@ -20,13 +20,26 @@ from typing import Any
 import numpy as np
 
 from foodtransfer import plots
-from foodtransfer.atomic import atomic_dir, write_text
+from foodtransfer.atomic import atomic_dir, staged, write_text
 from foodtransfer.config import Params, flatten
 from foodtransfer.data.datasets import example_images
 from foodtransfer.data.manifests import Split, data_version
+from foodtransfer.errors import UserError
 from foodtransfer.evaluation import Evaluation, evaluate
 from foodtransfer.training.distribute import TrainingSetup
 from foodtransfer.training.loop import History
+
+# The deployed-model check: the logged model, loaded as predict and serve load it, must give the
+# probabilities the reported metrics came from on these many validation images (spread evenly
+# over the validation manifest), to this tolerance (largest absolute difference of a class
+# probability): float rounding in float32; float16 compute (mixed precision) rounds more.
+VERIFY_IMAGES = 32
+VERIFY_TOLERANCE = {"float32": 1e-3, "mixed_float16": 2e-2}
+
+
+class DeployedModelError(UserError):
+    """The model a stage logged does not give the probabilities its metrics came from."""
+
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5",
                    "learning_rate")
@@ -132,15 +145,57 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
 
 
 def save_model(model, class_names: list[str], paths: VariantPaths, run, example: np.ndarray,
-               *, head=None) -> None:
+               *, head=None) -> str:
     """Save the image model (and the head it ends with, when given) to the model folder and
-    log it to ``run`` as the pyfunc model that predict and the registry use."""
+    log it to ``run`` as the pyfunc model that predict and the registry use; returns its
+    model URI."""
     with atomic_dir(paths.model) as tmp:
         if head is not None:
             head.save(tmp / "head.keras")
         model.save(tmp / "model.keras")
         (tmp / "classes.json").write_text(json.dumps(class_names) + "\n")
-    run.log_model(paths.model / "model.keras", paths.model / "classes.json", example)
+    return run.log_model(paths.model / "model.keras", paths.model / "classes.json", example)
+
+
+def verification_indices(count: int, sample: int = VERIFY_IMAGES) -> np.ndarray:
+    """Positions of the deployed-model check's images in a split of ``count`` images: evenly
+    spread (manifests are grouped by class), always the same for the same split."""
+    return np.unique(np.linspace(0, count - 1, min(sample, count)).round().astype(int))
+
+
+def verify_deployed_model(model_uri: str, trimmed: Path, split: Split, expected: np.ndarray,
+                          precision_policy: str, variant: str) -> float:
+    """Run the logged model ``model_uri`` through the loader ``foodtransfer predict`` and
+    ``serve`` use on a fixed sample of ``split``'s images (uint8, as decoded) and compare its
+    probabilities with ``expected`` (the ones the metrics came from, one row per image of
+    the split). Returns the largest difference; raises :class:`DeployedModelError` beyond
+    the tolerance of ``precision_policy``."""
+    from foodtransfer.data.datasets import image_store
+    from foodtransfer.predict import load_model, probabilities
+
+    positions = verification_indices(len(split))
+    images = image_store(trimmed, split).read(split.indices[positions])
+    served = probabilities(load_model(model_uri), images).to_numpy(dtype="float64")
+    drift = float(np.max(np.abs(served - expected[positions])))
+    tolerance = VERIFY_TOLERANCE.get(precision_policy, VERIFY_TOLERANCE["mixed_float16"])
+    if not drift <= tolerance:  # NaN fails too
+        raise DeployedModelError(
+            f"the {variant} model logged to MLflow ({model_uri}) is not the model that was "
+            f"evaluated: on {len(positions)} validation images its probabilities differ from "
+            f"the ones the metrics came from by up to {drift:.3g} (tolerance {tolerance:g} in "
+            f"{precision_policy}). Its image preprocessing (crop, flip, scaling) or weights "
+            "differ from the evaluated path's: nothing was published; fix the model code and "
+            f"re-run 'dvc repro {variant}'.")
+    return drift
+
+
+@contextlib.contextmanager
+def staged_outputs(paths: VariantPaths) -> Iterator[VariantPaths]:
+    """Stand-ins for a variant's outputs, published (each renamed onto its path) only when
+    the block succeeds: open it outside the variant's MLflow run, so that the outputs land
+    after the run ended FINISHED and never name a run that failed."""
+    with staged([paths.metrics, paths.plots, paths.artifacts, paths.model]) as stand_ins:
+        yield VariantPaths(*stand_ins)
 
 
 def summary(metrics: dict[str, Any], history: History) -> str:
@@ -171,9 +226,11 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
                        splits: dict[str, Split], class_names: list[str], run,
                        paths: VariantPaths, extra: dict[str, Any], what: str,
                        curve_rows: list[dict[str, float]] | None = None,
-                       probabilities: dict[str, np.ndarray] | None = None) -> str:
+                       probabilities: dict[str, np.ndarray] | None = None,
+                       precision_policy: str = "float32") -> str:
     """Evaluate an image model (raw images in) on validation and test, write and log its
-    results and save it; returns the stage's summary line. ``probabilities``: the model's
+    results, save and log it, and check the logged model against the evaluated one
+    (:func:`verify_deployed_model`); returns the stage's summary line. ``probabilities``: the model's
     test and validation probabilities where the caller has them already (from cached frozen
     bottom outputs), instead of passes over the images."""
     from foodtransfer.models.classifiers import parameter_counts
@@ -194,5 +251,9 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
                             splits=splits, curve_rows=curve_rows, what=what,
                             extra={**extra, "total_params": total,
                                    "trainable_params": trainable})
-    save_model(model, class_names, paths, run, example_images(trimmed, splits["test"]))
+    model_uri = save_model(model, class_names, paths, run,
+                           example_images(trimmed, splits["val"]))
+    drift = verify_deployed_model(model_uri, trimmed, splits["val"], val_probs,
+                                  precision_policy, variant)
+    run.log_metrics({"deployed_model_drift": drift})
     return summary(metrics, history)

@@ -11,7 +11,8 @@ from foodtransfer.data.manifests import load_classes, load_splits
 from foodtransfer.evaluation import evaluate
 from foodtransfer.models.classifiers import build_baseline
 from foodtransfer.models.inference import compile_forward, predict_split
-from foodtransfer.results import VariantPaths, finish_image_model, variant_run
+from foodtransfer.results import (VariantPaths, finish_image_model, staged_outputs,
+                                  variant_run)
 from foodtransfer.training.distribute import prepare_training
 from foodtransfer.training.loop import fit
 
@@ -28,7 +29,9 @@ def run(params: Params, trimmed: Path, split: Path, outputs: VariantPaths) -> st
     batch = params.batch_size
     train = image_dataset(trimmed, splits["train"], batch, shuffle=True, seed=params.seed)
     val = image_dataset(trimmed, splits["val"], batch)
-    with variant_run(params, "baseline", split, setup) as run:
+    # Outputs land after the MLflow run ended FINISHED (staged_outputs outside variant_run).
+    with staged_outputs(outputs) as staged, \
+            variant_run(params, "baseline", split, setup) as run:
         untrained = evaluate(predict_split(compile_forward(model), trimmed, splits["test"]),
                              splits["test"].labels, class_names)
         with setup.strategy.scope():
@@ -42,6 +45,6 @@ def run(params: Params, trimmed: Path, split: Path, outputs: VariantPaths) -> st
                 f"ImageNet weights; untrained it scores {untrained.metrics['test_accuracy']:.3f}"
                 " on test (chance).")
         return finish_image_model(
-            "baseline", model, history, trimmed, splits, class_names, run, outputs,
+            "baseline", model, history, trimmed, splits, class_names, run, staged,
             {"untrained_test_accuracy": untrained.metrics["test_accuracy"], **setup.record()},
-            what)
+            what, precision_policy=setup.precision_policy)

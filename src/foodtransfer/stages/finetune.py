@@ -39,7 +39,7 @@ from foodtransfer.models.inference import (compile_forward, forward_batches, mir
                                            write_outputs)
 from foodtransfer.progress import progress
 from foodtransfer.results import (VariantPaths, finish_image_model, read_history,
-                                  variant_run)
+                                  staged_outputs, variant_run)
 from foodtransfer.training import hyperrule
 from foodtransfer.training.distribute import prepare_training
 from foodtransfer.training.loop import History, fit
@@ -169,8 +169,9 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
     batch = params.batch_size
     extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
                              **setup.record()}
-    with variant_run(params, "finetune", split, setup,
-                     {"backbone": params.backbone}) as run, \
+    with staged_outputs(outputs) as staged, \
+            variant_run(params, "finetune", split, setup,
+                        {"backbone": params.backbone}) as run, \
             scratch_dir(outputs.model.with_name(outputs.model.name + "-bottom")) as scratch:
         cache = bottom_cache if from_features else scratch
         if parts is not None:
@@ -223,6 +224,7 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
                 + (f" on {config.views} cached augmented views per image" if config.views
                    and parts is not None else "") + ".")
         return finish_image_model("finetune", model, history, trimmed, splits, class_names,
-                                  run, outputs, extra, what,
+                                  run, staged, extra, what,
                                   curve_rows=start_rows + history.rows,
-                                  probabilities=probabilities)
+                                  probabilities=probabilities,
+                                  precision_policy=setup.precision_policy)

@@ -4,6 +4,7 @@ clean exits on user errors and SIGTERM, and one summary line at the end."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -107,4 +108,16 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
+    _write_params_read(name)
     typer.echo(f"{name}: {summary} [{time.monotonic() - started:.1f}s]")
+
+
+def _write_params_read(name: str) -> None:
+    """Where the DAG test asks (FOODTRANSFER_RECORD_PARAMS), the params this stage read."""
+    from foodtransfer import config
+
+    folder, keys = os.environ.get(config.RECORD_PARAMS_ENV), config.params_read()
+    if folder and keys is not None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.json"), "w") as handle:
+            json.dump(keys, handle)
