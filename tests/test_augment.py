@@ -82,9 +82,9 @@ def trimmed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def extractor():
+def extractor(standin_weights):
     keras.utils.set_random_seed(1)
-    return build_feature_extractor("MobileNetV2", "none", SIZE)
+    return build_feature_extractor("MobileNetV2", str(standin_weights), SIZE)
 
 
 def features_of(extractor, images: np.ndarray) -> np.ndarray:
@@ -142,8 +142,8 @@ def test_the_same_seed_gives_the_same_cache(trimmed: Path, extractor, tmp_path: 
 
 
 # ----------------------------------------------------------- fine-tune on the cached bottom
-def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tmp_path: Path
-                                                               ) -> None:
+def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tmp_path: Path,
+                                                               standin_weights: Path) -> None:
     """The finetune stage's cache of a view's frozen-bottom output, through the trainable top,
     gives the full image model's probabilities on that same view (to 1e-4)."""
     from foodtransfer.stages.finetune import bottom_pass, top_model, write_bottom_cache
@@ -151,7 +151,7 @@ def test_cached_finetune_matches_full_passes_on_the_same_views(trimmed: Path, tm
 
     keras.utils.set_random_seed(2)
     splits = load_splits(trimmed)
-    extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+    extractor = build_feature_extractor("MobileNetV2", str(standin_weights), SIZE)
     head = build_head(extractor.output_shape[-1], 2)
     model = build_image_classifier(extractor, head, image_size=IMAGE, tta=True)
     unfreeze_top(get_backbone_model(model), 5)
@@ -183,8 +183,8 @@ def test_view_transform_reads_like_the_function() -> None:
 
 
 # ------------------------------------------- the fine-tune's cache, from the features' passes
-def test_features_stage_writes_the_finetune_cache_in_the_same_passes(trimmed: Path,
-                                                                     tmp_path: Path) -> None:
+def test_features_stage_writes_the_finetune_cache_in_the_same_passes(
+        trimmed: Path, tmp_path: Path, standin_weights: Path) -> None:
     """With a frozen-bottom cache, the features are the same, every image the two caches share
     goes through the backbone once, and each cached row is the bottom's output for its image
     and view."""
@@ -192,7 +192,7 @@ def test_features_stage_writes_the_finetune_cache_in_the_same_passes(trimmed: Pa
     from foodtransfer.stages.features import BottomCache, bottom_files
 
     keras.utils.set_random_seed(3)
-    extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+    extractor = build_feature_extractor("MobileNetV2", str(standin_weights), SIZE)
     unfreeze_top(get_backbone_model(extractor), 5)
     cut_bottom, cut_top = frozen_bottom_cut(extractor,
                                             *split_frozen_bottom(get_backbone_model(extractor)))
@@ -241,7 +241,8 @@ def test_features_stage_writes_the_finetune_cache_in_the_same_passes(trimmed: Pa
 
 
 def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed: Path,
-                                                                         tmp_path: Path
+                                                                         tmp_path: Path,
+                                                                         standin_weights: Path
                                                                          ) -> None:
     """The features stage's run writes the cache; a dropout model built as the transfer stage
     builds it (same seed) accepts it and is evaluated from it exactly as from the images;
@@ -253,7 +254,7 @@ def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed
                                               features_stage_cache, top_model)
     from foodtransfer.training.distribute import make_strategy
 
-    raw = {"backbone": "MobileNetV2", "weights": "none", "image_size": IMAGE,
+    raw = {"backbone": "MobileNetV2", "weights": str(standin_weights), "image_size": IMAGE,
            "features": {"crop": SIZE / IMAGE, "views": 1, "tta": True},
            "finetune": {"unfreeze": 5, "views": 2}}
     params = Params.model_validate(raw)
@@ -262,9 +263,9 @@ def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed
     features.run(params, trimmed, trimmed, tmp_path / "features", tmp_path / "features.json",
                  out)
 
-    def dropout_model(seed: int):
+    def dropout_model(seed: int, weights: str = str(standin_weights)):
         keras.utils.set_random_seed(seed)  # the transfer stage seeds with data.seed
-        extractor = build_feature_extractor("MobileNetV2", "none", SIZE)
+        extractor = build_feature_extractor("MobileNetV2", weights, SIZE)
         model = build_image_classifier(extractor, build_head(extractor.output_shape[-1], 2),
                                        image_size=IMAGE, tta=True)
         unfreeze_top(get_backbone_model(model), 5)
@@ -287,7 +288,7 @@ def test_finetune_takes_the_features_stage_cache_only_when_it_is_its_own(trimmed
     ok, why = features_stage_cache(out, forward, plain, bottom, other_views, trimmed, trimmed,
                                    splits)
     assert not ok and "views 2 (now 3)" in why and "dvc repro features" in why
-    other, (other_bottom, other_top) = dropout_model(7)
+    other, (other_bottom, other_top) = dropout_model(7, "none")  # another backbone
     ok, why = features_stage_cache(out, *bottom_pass(other, other_bottom, other_top),
                                    other_bottom, params, trimmed, trimmed, splits)
     assert not ok and "differs from this model's own frozen bottom" in why

@@ -245,15 +245,15 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
     test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
     validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
     total, trainable = parameter_counts(model)
+    model_uri = save_model(model, class_names, paths, run,
+                           example_images(trimmed, splits["val"]))
+    drift = verify_deployed_model(model_uri, trimmed, splits["val"], val_probs,
+                                  precision_policy, variant)
     metrics = write_results(variant, paths, class_names, run, history=history, test=test,
                             validation=validation,
                             probabilities={"test": test_probs, "val": val_probs},
                             splits=splits, curve_rows=curve_rows, what=what,
                             extra={**extra, "total_params": total,
-                                   "trainable_params": trainable})
-    model_uri = save_model(model, class_names, paths, run,
-                           example_images(trimmed, splits["val"]))
-    drift = verify_deployed_model(model_uri, trimmed, splits["val"], val_probs,
-                                  precision_policy, variant)
-    run.log_metrics({"deployed_model_drift": drift})
+                                   "trainable_params": trainable,
+                                   "deployed_model_drift": drift})
     return summary(metrics, history)

@@ -103,21 +103,21 @@ def build_image_classifier(extractor: keras.Model, head: keras.Model, *,
     """One model from raw images to class probabilities, sharing the extractor's and the
     head's layers (and so their weights): images of ``image_size`` (default: the extractor's
     input), centre-cropped to the extractor's input when larger; with ``tta``, the average of
-    the probabilities of each image and of its mirror image."""
+    the probabilities of each crop and of its mirror image."""
     size = extractor.input_shape[1]
     inputs = image_input(image_size or size)
     # Float32 like the pixels: under mixed precision these would otherwise round them.
     crop = (keras.layers.CenterCrop(size, size, name="center_crop", dtype="float32")
             if (image_size or size) != size else None)
 
-    def classify(images):
-        return head(extractor(crop(images) if crop is not None else images))
-
-    outputs = classify(inputs)
+    cropped = crop(inputs) if crop is not None else inputs
+    outputs = head(extractor(cropped))
     if tta:
-        flipped = HorizontalFlip(name="flip", dtype="float32")(inputs)
-        outputs = keras.layers.Average(name="tta", dtype=OUTPUT_DTYPE)([outputs,
-                                                                        classify(flipped)])
+        # The mirror of the crop, as the features stage caches it (with an odd margin the crop
+        # of the mirror would be a pixel off).
+        flipped = HorizontalFlip(name="flip", dtype="float32")(cropped)
+        outputs = keras.layers.Average(name="tta", dtype=OUTPUT_DTYPE)(
+            [outputs, head(extractor(flipped))])
     return keras.Model(inputs, outputs, name="image_classifier")
 
 

@@ -212,9 +212,7 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
         probabilities = None
         if meta is not None:
             tta = any(layer.name == "tta" for layer in model.layers)
-            # Mirror of the crop = crop of the mirror (what the image model does) when the
-            # crop's margins are even.
-            if meta.get("tta") == tta and (model.input_shape[1] - forward.input_size) % 2 == 0:
+            if meta.get("tta") == tta:  # the image model mirrors its crop, as the cache does
                 probabilities = cached_probabilities(trainable_model, bottom_cache, tta)
         what = (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
                 f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "

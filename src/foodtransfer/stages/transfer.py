@@ -44,6 +44,15 @@ def load_cache(features: Path, splits: dict[str, Split], *, views: int, tta: boo
     return cached
 
 
+def training_pairs(cached: dict[str, np.ndarray], labels: np.ndarray, views: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The heads' training set: the features of every training image, then those of each of
+    its ``views`` augmented views (the features stage writes them view by view: all images'
+    view 1, then view 2, ...), each paired with its image's label."""
+    rows = np.concatenate([cached["train"]] + ([cached["train_views"]] if views else []))
+    return rows, np.tile(labels, views + 1)
+
+
 def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, features: Path,
                outputs: VariantPaths, dropout: float, l1: float, l2: float) -> str:
     """Train a head (``Dropout(dropout)`` when > 0, ``L1L2(l1, l2)`` when either is > 0) on the
@@ -56,9 +65,7 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
     splits = load_splits(split)
     config = params.features
     cached = load_cache(features, splits, views=config.views, tta=config.tta)
-    train_x = np.concatenate([cached["train"]] + ([cached["train_views"]] if config.views
-                                                  else []))
-    train_y = np.tile(splits["train"].labels, config.views + 1)
+    train_x, train_y = training_pairs(cached, splits["train"].labels, config.views)
     with setup.strategy.scope():
         head = build_head(train_x.shape[1], len(class_names), dropout=dropout, l1=l1, l2=l2)
     # Outputs land after the MLflow run ended FINISHED (staged_outputs outside variant_run).
