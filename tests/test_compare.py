@@ -19,8 +19,9 @@ _clock = itertools.count(1)
 
 def make_run(run_id: str, *, kind: str = "pipeline", status: str = "FINISHED",
              name: str | None = None, seed: int = 42, dropout: float = 0.6,
-             data_version: str = "v1", variant: str | None = None) -> SimpleNamespace:
-    tags = {"run_kind": kind, "data_version": data_version}
+             data_version: str = "v1", variant: str | None = None,
+             code: str = "c1") -> SimpleNamespace:
+    tags = {"run_kind": kind, "data_version": data_version, "code_version": code}
     if name:
         tags["dvc_exp_name"] = name
     if variant:
@@ -44,6 +45,18 @@ def test_all_finished_pipeline_runs_grouped_by_config_with_the_swept_param() -> 
     assert swept == ["dropout"]
     assert [[e.run_id for e in g.executions] for g in groups] == [["a", "b"], ["c", "d"]]
     assert [g.label(swept) for g in groups] == ["dropout=0.6", "dropout=0.3"]
+
+
+def test_runs_of_different_code_are_kept_apart_unless_pooled() -> None:
+    runs = [make_run("a", seed=1), make_run("b", seed=2), make_run("c", seed=1, code="c2"),
+            make_run("d", seed=2, code="c2")]
+    executions, _ = select(runs, [], "e")
+    assert [e.run_id for e in executions] == ["a", "b", "c", "d"]  # seed 1 twice: other code
+    groups, swept = group(executions)
+    assert swept == ["code_version"]
+    assert [g.label(swept) for g in groups] == ["code_version=c1", "code_version=c2"]
+    groups, swept = group(executions, pool_code_versions=True)
+    assert swept == [] and [len(g.executions) for g in groups] == [4]
 
 
 def test_one_run_per_seed_the_latest() -> None:

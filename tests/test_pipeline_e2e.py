@@ -225,6 +225,96 @@ def test_metrics_and_plots_files(pipeline):
     assert split["train_images"] + split["val_images"] == 4 * TINY["data"]["samples_per_class"]
 
 
+# ------------------------------------------------- the transfer path learns, and pairs right
+# The bar: on the stand-in backbone (frozen, pretrained on 8 other generated classes) the four
+# generated classes are told apart by a linear probe almost perfectly; chance is 0.25 and a
+# head on random-weight features (~1e-12) predicts one class for everything. 0.75 leaves room
+# for the seed's noise on 24 validation and 32 test images while no broken pairing reaches it.
+LEARNS = 0.75
+
+
+def test_every_variant_learns_and_deploys_what_it_evaluated(pipeline):
+    for variant in VARIANTS:
+        metrics = pipeline["first_metrics"][variant]
+        assert metrics["best_val_accuracy"] >= LEARNS, (variant, metrics["best_val_accuracy"])
+        assert metrics["test_accuracy"] >= LEARNS, (variant, metrics["test_accuracy"])
+        assert metrics["deployed_model_drift"] <= 1e-3, variant
+
+
+def test_the_heads_train_on_views_paired_with_their_labels(pipeline):
+    """Each block of the heads' training set (the images, then each augmented view) is
+    classified by the trained transfer head as the labels it is paired with say."""
+    import keras
+
+    from foodtransfer.data.manifests import load_splits
+    from foodtransfer.models.inference import predict_array
+    from foodtransfer.stages.transfer import load_cache, training_pairs
+
+    repo = pipeline["repo"]
+    views = 2  # the recipe's features.views
+    splits = load_splits(repo / "data/split")
+    cached = load_cache(repo / "data/features", splits, views=views, tta=True)
+    rows, labels = training_pairs(cached, splits["train"].labels, views)
+    head = keras.saving.load_model(repo / "models/transfer/head.keras", compile=False)
+    predicted = predict_array(head, rows).argmax(axis=1)
+    count = len(splits["train"])
+    for view in range(views + 1):
+        block = slice(view * count, (view + 1) * count)
+        agreement = float(np.mean(predicted[block] == labels[block]))
+        assert agreement >= LEARNS, (view, agreement)
+
+
+def test_the_finetune_reads_its_cache_in_order_and_a_new_view_each_epoch(pipeline):
+    """The fine-tune's training batches: epoch e holds exactly the cached bottom outputs of
+    view e mod (views + 1), each paired with its own label (the dropout model, through the
+    trainable top, classifies them as paired)."""
+    import keras
+
+    from foodtransfer.data.datasets import views_dataset
+    from foodtransfer.data.manifests import load_splits
+    from foodtransfer.models.classifiers import (get_backbone_model, split_frozen_bottom,
+                                                 unfreeze_top)
+    from foodtransfer.models.inference import predict_array
+    from foodtransfer.stages.finetune import top_model
+    from foodtransfer.training.distribute import make_strategy
+
+    repo = pipeline["repo"]
+    views, batch = 4, 16  # the recipe's finetune.views; TINY's batch_size
+    labels = load_splits(repo / "data/split")["train"].labels
+    count = len(labels)
+    cache = np.load(repo / "data/bottom/train.npy")
+    model = keras.saving.load_model(repo / "models/dropout/model.keras", compile=False)
+    unfreeze_top(get_backbone_model(model), TINY["finetune"]["unfreeze"])
+    _, top = split_frozen_bottom(get_backbone_model(model))
+    trainable = top_model(model, top, make_strategy("auto"))
+    dataset = views_dataset(repo / "data/bottom/train.npy", labels, batch, views=views,
+                            epochs=views + 1, seed=1)
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in dataset]
+    steps = -(-count // batch)
+    assert len(batches) == steps * (views + 1)
+    for epoch in range(views + 1):
+        x = np.concatenate([b[0] for b in batches[epoch * steps:(epoch + 1) * steps]])
+        y = np.concatenate([b[1] for b in batches[epoch * steps:(epoch + 1) * steps]])
+        block = cache[epoch * count:(epoch + 1) * count]
+        assert {row.tobytes() for row in x} == {row.tobytes() for row in block}, epoch
+        agreement = float(np.mean(predict_array(trainable, x).argmax(axis=1) == y))
+        assert agreement >= LEARNS, (epoch, agreement)
+
+
+def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(pipeline):
+    """The DAG test's params check on this run: each stage recorded the keys it read."""
+    from test_dag import params_problems, stages
+
+    recorded = pipeline["params_read"]
+    problems = []
+    for name, stage in stages().items():
+        path = recorded / f"{name}.json"
+        assert path.is_file(), f"stage {name} recorded no params (did it run?)"
+        problems += [f"dvc.yaml stage '{name}': {problem}"
+                     for problem in params_problems(name, stage, json.loads(path.read_text()))]
+    assert not problems, "; ".join(problems)
+
+
 def test_dvc_metrics_and_plots_commands(pipeline):
     repo, env = pipeline["repo"], pipeline["env"]
     shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
@@ -382,20 +472,42 @@ def test_report_parent_runs_group_each_execution(pipeline):
             assert all(c.data.tags.get("dvc_exp_name") == "drop03" for c in children)
 
 
-def test_champion_is_the_best_variant_by_validation_accuracy(pipeline):
+def test_repro_moves_the_champion_and_an_experiment_registers_a_challenger(pipeline):
+    """Each execution registers its winner (best by validation accuracy) as a new version with
+    its provenance; dvc repro points @champion at it, dvc exp run @challenger."""
     repo = pipeline["repo"]
     client, parents = pipeline_runs(repo)
-    metrics = {v: json.loads((repo / f"metrics/{v}.json").read_text()) for v in VARIANTS}
-    best = max(m["best_val_accuracy"] for m in metrics.values())
+    first, second = parents
     champion = client.get_model_version_by_alias("food101-classifier", "champion")
+    challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
+    assert champion.version == first.data.tags["registered_model_version"]
+    assert challenger.version == second.data.tags["registered_model_version"]
+    assert first.data.tags["registered_model_alias"] == "champion"
+    assert second.data.tags["registered_model_alias"] == "challenger"
+    metrics = pipeline["first_metrics"]
     variant = champion.tags["variant"]
-    assert metrics[variant]["best_val_accuracy"] == best
-    assert champion.run_id == variant_run_ids(repo)[variant]
-    assert parents[-1].data.tags["champion"] == variant
+    assert metrics[variant]["best_val_accuracy"] == max(m["best_val_accuracy"]
+                                                         for m in metrics.values())
+    assert parents[0].data.tags["champion"] == variant
     assert json.loads(champion.tags["class_names"]) == TINY["data"]["classes"]
+    assert challenger.tags["dvc_exp_name"] == "drop03" and "dvc_exp_name" not in champion.tags
+    for version in (champion, challenger):
+        tags = version.tags
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"])
+        assert re.fullmatch(r"[0-9a-f]{12}", tags["data_version"])
+        assert re.fullmatch(r"\[0\.\d{4}, [01]\.\d{4}\]", tags["val_accuracy_ci"]), tags
+        assert re.fullmatch(r"\[0\.\d{4}, [01]\.\d{4}\]", tags["test_accuracy_ci"]), tags
+        assert float(tags["val_accuracy"]) >= LEARNS
+    text = (repo / "reports" / "comparison.md").read_text()  # the experiment's report
+    assert f"version {challenger.version} with the alias `challenger`" in text
+    assert f"foodtransfer promote {challenger.version}" in text
+
+
+def test_the_champion_takes_raw_images(pipeline):
     import mlflow
     from mlflow.models import get_model_info
 
+    repo = pipeline["repo"]
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     try:
         info = get_model_info("models:/food101-classifier@champion")
@@ -557,3 +669,51 @@ def test_compare_refuses_an_unknown_experiment(seeded):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown experiment 'no-such-exp'" in result.stderr
     assert "drop03" in result.stderr  # the names there are
+
+
+def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
+    """Queued experiments register challengers; `foodtransfer promote` moves @champion,
+    says what it replaces with a paired comparison on validation, and predict follows."""
+    import mlflow
+
+    repo, env = seeded["repo"], seeded["env"]
+    client, parents = pipeline_runs(repo)
+    versions = client.search_model_versions("name = 'food101-classifier'")
+    assert len(versions) == 4  # repro, drop03, the two queued experiments
+    champion = client.get_model_version_by_alias("food101-classifier", "champion")
+    assert champion.version == parents[0].data.tags["registered_model_version"]
+    challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
+    assert int(challenger.version) == max(int(v.version) for v in versions)
+    queued = [v for v in versions if v.tags.get("dvc_exp_name") not in (None, "drop03")]
+    assert len(queued) == 2
+    drop03 = next(v for v in versions if v.tags.get("dvc_exp_name") == "drop03")
+    script = str(Path(sys.executable).parent / "foodtransfer")
+    promoted = run([script, "promote", "drop03"], repo, env).stdout
+    assert f"@champion of food101-classifier -> v{drop03.version}" in promoted, promoted
+    assert f"replacing v{champion.version}" in promoted
+    assert re.search(r"on the same \d+ validation images: .* McNemar p = ", promoted), promoted
+    assert client.get_model_version_by_alias("food101-classifier",
+                                             "champion").version == drop03.version
+    again = run([script, "promote", drop03.version], repo, env).stdout
+    assert "is already @champion" in again
+    unknown = subprocess.run([script, "promote", "no-such-exp"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "no version of 'food101-classifier' matches" in \
+        unknown.stderr
+    # predict follows the champion
+    from PIL import Image
+
+    photo = repo / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (36, 36, 3), np.uint8)).save(
+        photo)
+    output = json.loads(run([script, "predict", str(photo), "--json", "--top-k", "4"], repo,
+                            env).stdout)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/food101-classifier/{drop03.version}")
+        expected = model.predict(np.asarray(Image.open(photo))[None].astype("float32"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    for item in output["images"][0]["predictions"]:
+        assert item["probability"] == pytest.approx(float(expected[item["class_name"]][0]),
+                                                    abs=1e-5)

@@ -118,3 +118,13 @@ def test_mean_and_sd() -> None:
     assert mean_and_sd([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
     mean, sd = mean_and_sd([0.5])
     assert mean == 0.5 and np.isnan(sd)
+
+
+def test_holm_adjustment_matches_the_step_down_by_hand() -> None:
+    from foodtransfer.uncertainty import holm_adjusted
+
+    # Sorted 0.01, 0.02, 0.04, 0.30 -> x4, x3, x2, x1 with running maximum: 0.04, 0.06,
+    # 0.08, 0.30; returned in the input order.
+    assert holm_adjusted([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm_adjusted([]) == []

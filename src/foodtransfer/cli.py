@@ -3,6 +3,8 @@
 - ``foodtransfer predict IMAGE_OR_DIR... [--model-uri URI] [--top-k 5] [--json]``: the top-k
   classes of each image, by default with the registry's champion.
 - ``foodtransfer compare [EXPERIMENT...]``: pipeline runs aggregated over seeds and sweeps.
+- ``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: move ``@champion`` to that registered
+  version, with a paired comparison on validation against the champion it replaces.
 - ``foodtransfer serve [--model-uri URI] [--port 5001]``: the champion over HTTP (MLflow's
   scoring server, localhost).
 - ``foodtransfer export [--out DIR]``: the champion as a TensorFlow SavedModel (TF Serving).
@@ -99,6 +101,10 @@ def compare(
     where: list[str] = typer.Option(
         None, "--where", metavar="KEY=VALUE",
         help="Only the runs with this param value, e.g. --where features.views=2 (repeatable)."),
+    pool_code_versions: bool = typer.Option(
+        False, "--pool-code-versions",
+        help="Average runs of different code as one configuration (by default runs whose "
+             "code differs, tag code_version, are kept apart)."),
     out: Path = typer.Option(Path("reports"), "--out",
                              help="Where experiments.md, .csv and .png go."),
     params: Path = typer.Option(Path("params.yaml"),
@@ -111,8 +117,27 @@ def compare(
 
         name = experiment or _params_or_defaults(params).mlflow.experiment
         summary = compare_runs(list(experiments or []), name, out, data_version,
-                               list(where or []))
+                               list(where or []), pool_code_versions=pool_code_versions)
     typer.echo(f"compare: {summary}")
+
+
+@app.command()
+def promote(
+    reference: str = typer.Argument(..., metavar="VERSION|RUN_ID|EXP_NAME",
+                                    help="A registered version number, the MLflow run id it "
+                                         "came from, or a DVC experiment name."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the registered model's name is read."),
+) -> None:
+    """Point @champion at a registered version (what predict and serve use), after a paired
+    comparison with the champion it replaces on the validation images."""
+    with _user_errors("promote"):
+        from foodtransfer.promote import promote as promote_version
+        from foodtransfer.tracking.store import connect_existing
+
+        config = _params_or_defaults(params)
+        connect_existing(config.mlflow.experiment)
+        typer.echo(promote_version(reference, config.mlflow.registered_model))
 
 
 @app.command()

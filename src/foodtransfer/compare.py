@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("baseline", "transfer", "dropout", "finetune")
 GROUPING_IGNORES = ("seed", "mlflow.")  # params that do not make another configuration
+# Runs of different code are another configuration too (a pseudo-param in the grouping key),
+# unless the user pools them explicitly (--pool-code-versions).
+CODE_VERSION_TAG = "code_version"
 METRICS = ("test_accuracy", "test_macro_f1", "best_val_accuracy")
 OUTPUT_FILES = ("experiments.md", "experiments.csv", "experiments.png")
 COMPARISON_RUN_NAME = "comparison"
@@ -63,6 +66,10 @@ class Execution:
     @property
     def data_version(self) -> str:
         return self.tags.get("data_version", "unknown")
+
+    @property
+    def code_version(self) -> str:
+        return self.tags.get(CODE_VERSION_TAG, "unknown")
 
     @property
     def variant_runs(self) -> dict[str, str]:
@@ -173,16 +180,23 @@ def _deduplicate(executions: list[Execution]) -> list[Execution]:
     return sorted(latest.values(), key=lambda e: e.start_time)
 
 
-def _config_key(execution: Execution) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((key, value) for key, value in execution.params.items()
-                        if not key.startswith(GROUPING_IGNORES)))
+def _config_key(execution: Execution, pool_code_versions: bool = False
+                ) -> tuple[tuple[str, str], ...]:
+    values = {key: value for key, value in execution.params.items()
+              if not key.startswith(GROUPING_IGNORES)}
+    if not pool_code_versions:
+        values[CODE_VERSION_TAG] = execution.code_version
+    return tuple(sorted(values.items()))
 
 
-def group(executions: list[Execution]) -> tuple[list[Group], list[str]]:
-    """The configurations (in order of first run) and the params that differ between them."""
+def group(executions: list[Execution], pool_code_versions: bool = False
+          ) -> tuple[list[Group], list[str]]:
+    """The configurations (in order of first run) and the params that differ between them.
+    Runs of different code (tag ``code_version``) are different configurations, and
+    ``code_version`` is then among the differing "params", unless ``pool_code_versions``."""
     groups: dict[tuple, Group] = {}
     for execution in executions:
-        key = _config_key(execution)
+        key = _config_key(execution, pool_code_versions)
         groups.setdefault(key, Group(key)).executions.append(execution)
     keys = [dict(g.key) for g in groups.values()]
     names = sorted({name for key in keys for name in key})
@@ -314,7 +328,8 @@ def comparison_metrics(frame: pd.DataFrame, swept: list[str]) -> dict[str, float
 
 # --------------------------------------------------------------------------------- entry
 def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
-            where: list[str] | None = None, log_run: bool = True) -> str:
+            where: list[str] | None = None, log_run: bool = True,
+            pool_code_versions: bool = False) -> str:
     """Compare the pipeline executions ``names`` (all when empty) of ``experiment`` whose
     params match ``where`` (``key=value``); write ``out/experiments.{md,csv,png}`` and log
     them as a ``comparison`` run. Returns a one-line summary."""
@@ -336,7 +351,7 @@ def compare(names: list[str], experiment: str, out: Path, data_version: str | No
     if where:
         executions = filter_params(executions, where)
     executions = check_data_versions(executions, data_version)
-    groups, swept = group(executions)
+    groups, swept = group(executions, pool_code_versions)
     with tempfile.TemporaryDirectory() as cache:
         summaries = summarise(client, groups, Path(cache))
     frame = experiments_frame(summaries, swept)

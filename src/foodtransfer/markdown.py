@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from foodtransfer.tracking.registry import CHAMPION_ALIAS
-from foodtransfer.uncertainty import SIGNIFICANCE, PairedDifference
+from foodtransfer.uncertainty import SIGNIFICANCE, PairedDifference, holm_adjusted
 
 MINUS = "\u2212"
 
@@ -106,6 +106,7 @@ class ReportContext:
     dvc_exp_name: str | None = None
     registered_model: str | None = None
     registered_version: str | None = None
+    registered_alias: str = CHAMPION_ALIAS
     run_owner: dict[str, str] | None = None  # variant -> pipeline run that trained it
 
 
@@ -115,9 +116,13 @@ def _champion_lines(results: dict[str, Any], champion: str, runner_up: Pair | No
     line = (f"**Champion: {champion}** (validation accuracy {best['best_val_accuracy']:.3f}; "
             "chosen on validation, never on test)")
     if context.registered_model:
+        alias = context.registered_alias
         line += (f", registered as `{context.registered_model}` version "
-                 f"{context.registered_version} with the alias `{CHAMPION_ALIAS}`: "
-                 f"`models:/{context.registered_model}@{CHAMPION_ALIAS}`")
+                 f"{context.registered_version} with the alias `{alias}`: "
+                 f"`models:/{context.registered_model}@{alias}`")
+        if alias != CHAMPION_ALIAS:
+            line += (f" (a DVC experiment's winner: `@{CHAMPION_ALIAS}` stays where it was; "
+                     f"`foodtransfer promote {context.registered_version}` moves it)")
     lines = [line + "."]
     if runner_up is not None:
         parts = [f"on {where} {difference_text(diff)}"
@@ -179,23 +184,25 @@ def comparison_markdown(results: dict[str, Any], champion: str,
         lines += ["## Which differences hold", "",
                   "Each pair on the same test images: the accuracy difference with a paired "
                   "bootstrap 95 % interval, and an exact McNemar test on the images exactly one "
-                  f"of the two gets right (each at the {SIGNIFICANCE:g} level, not corrected "
-                  f"for the {len(pairs)} comparisons).", ""]
+                  f"of the two gets right. \"significant\" is at the {SIGNIFICANCE:g} level "
+                  f"after Holm's correction for the {len(pairs)} comparisons (the Holm p "
+                  "column); the raw p of each test stands beside it.", ""]
         pair_rows = []
-        for pair in pairs:
+        holm = holm_adjusted([pair.test.p_value for pair in pairs])
+        for pair, adjusted in zip(pairs, holm):
             diff = pair.test
             row = [f"{pair.a} vs {pair.b}", f"{points(diff.difference)}",
                    f"[{points(diff.ci_low)}, {points(diff.ci_high)}]",
                    f"{diff.only_a_right} / {diff.only_b_right}", p_value(diff.p_value),
-                   "yes" if diff.significant else "no"]
+                   p_value(adjusted), "yes" if adjusted < SIGNIFICANCE else "no"]
             val = pair.validation
             row += ([f"{points(val.difference)}", p_value(val.p_value)] if val is not None
                     else ["-", "-"])
             pair_rows.append(row)
         lines += table(("pair (a vs b)", "test difference (points)", "95 % CI",
-                        "only a right / only b right", "McNemar p", "significant",
-                        "validation difference", "validation p"), pair_rows,
-                       [False, True, True, True, True, False, True, True])
+                        "only a right / only b right", "McNemar p", "Holm p",
+                        "significant (Holm)", "validation difference", "validation p"),
+                       pair_rows, [False, True, True, True, True, True, False, True, True])
         lines += [""] + [f"- {difference_sentence(pair.a, pair.b, pair.test)}."
                          for pair in pairs] + [""]
     lines += ["## Params that differ from the defaults", ""]

@@ -135,6 +135,19 @@ def pooled_interval(correct: np.ndarray, *, resamples: int = RESAMPLES,
     return percentile_interval(means, confidence)
 
 
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (same order): each adjusted p is compared
+    with the level as is, and the family-wise error rate stays at that level."""
+    count = len(p_values)
+    order = sorted(range(count), key=lambda index: p_values[index])
+    adjusted = [0.0] * count
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (count - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
 def mean_and_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (NaN for a single value)."""
     mean = float(np.mean(values))

@@ -30,7 +30,7 @@ from foodtransfer.data.manifests import data_version
 from foodtransfer.errors import DataError
 from foodtransfer.evaluation import right_per_image
 from foodtransfer.markdown import Pair, ReportContext, comparison_markdown, number
-from foodtransfer.tracking.registry import CHAMPION_ALIAS
+from foodtransfer.tracking.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from foodtransfer.uncertainty import PairedDifference, paired_difference
 
 VARIANTS = ("baseline", "transfer", "dropout", "finetune")
@@ -274,7 +274,37 @@ def _model_description(results: dict[str, VariantResult]) -> str:
             "(n, image_size, image_size, 3), pixels 0..255; preprocessing is inside the model. "
             f"Output: a DataFrame of probabilities over {len(classes)} classes, one column per "
             f"class name. The alias '{CHAMPION_ALIAS}' points at the best variant by validation "
-            "accuracy of the latest pipeline run.")
+            "accuracy of the latest run in the main workspace (dvc repro), or at the version "
+            f"promoted with 'foodtransfer promote'; '{CHALLENGER_ALIAS}' at the winner of the "
+            "latest DVC experiment (dvc exp run).")
+
+
+def provenance(result: VariantResult, pipeline_run_id: str, version: str) -> dict[str, str]:
+    """The tags of a registered version: where it comes from (variant, pipeline run, DVC
+    experiment, git commit, data version) and how it scored (validation accuracy with its
+    95 % interval, which chose it; test accuracy with its interval, reported only)."""
+    from foodtransfer.tracking.runs import PIPELINE_TAG, git_commit
+    from foodtransfer.tracking.store import project_root
+    from foodtransfer.uncertainty import pooled_interval
+
+    metrics = result.metrics
+    tags = {"variant": result.name, "data_version": version, PIPELINE_TAG: pipeline_run_id,
+            "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
+            "val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
+            "test_accuracy": f"{metrics['test_accuracy']:.4f}",
+            "class_names": json.dumps(result.class_names)[:5000]}
+    if result.val_predictions is not None and len(result.val_predictions):
+        low, high = pooled_interval(right_per_image(result.val_predictions).to_numpy()[None])
+        tags["val_accuracy_ci"] = f"[{low:.4f}, {high:.4f}]"
+    if "test_accuracy_ci_low" in metrics:
+        tags["test_accuracy_ci"] = (f"[{metrics['test_accuracy_ci_low']:.4f}, "
+                                    f"{metrics['test_accuracy_ci_high']:.4f}]")
+    commit = git_commit(project_root())
+    if commit:
+        tags["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def publish(files: Path, out: Path) -> None:
@@ -291,10 +321,11 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     groups this execution's variant runs, and register the champion. Returns the stage's
     summary line."""
     from foodtransfer.tracking import runs as tracking_runs
-    from foodtransfer.tracking.registry import register_model_version
+    from foodtransfer.tracking.registry import execution_alias, register_version, set_alias
     from foodtransfer.tracking.store import connect, project_root
 
     results = load_results(sources)
+    alias = execution_alias()
     champion = choose_best(results)
     second = runner_up(results, champion)
     pairs = paired_tests(results)
@@ -314,13 +345,9 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
         # Figures first: a failure there must not move the champion alias.
         write_figures(results, champion, trimmed, split, tmp)
         champion_run = runs[champion]
-        registered_version = register_model_version(
-            champion_run.data.tags["model_uri"], config.registered_model, CHAMPION_ALIAS,
-            champion_run.info.run_id,
-            tags={"variant": champion, "data_version": version,
-                  tracking_runs.PIPELINE_TAG: parent.run_id,
-                  "best_val_accuracy": f"{results[champion].metrics['best_val_accuracy']:.4f}",
-                  "class_names": json.dumps(results[champion].class_names)[:5000]},
+        registered_version = register_version(
+            champion_run.data.tags["model_uri"], config.registered_model,
+            champion_run.info.run_id, provenance(results[champion], parent.run_id, version),
             description=_model_description(results))
         adopted = tracking_runs.adopt_runs(parent.run_id, runs)
         owners = {name: (parent.run_id if name in adopted
@@ -331,6 +358,7 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
             git_commit=tracking_runs.git_commit(project_root()),
             dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
             registered_model=config.registered_model, registered_version=registered_version,
+            registered_alias=alias,
             run_owner=owners)
         markdown = comparison_markdown(results, champion, changed, context, pairs,
                                        against_runner_up)
@@ -344,13 +372,16 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
             **pair_metrics(pairs + ([against_runner_up] if against_runner_up else []))})
         # MLflow's UI shows this tag as the run's description (rendered markdown).
         parent.set_tags({tracking_runs.NOTE_TAG: markdown[:7900],
-                         "registered_model_version": registered_version})
+                         "registered_model_version": registered_version,
+                         "registered_model_alias": alias})
+        # The alias moves once the reports are written and logged; the files land last.
+        set_alias(config.registered_model, alias, registered_version)
         publish(tmp, out)
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "
             f"{best['test_accuracy']:.3f}) -> {config.registered_model} v{registered_version} "
-            f"@{CHAMPION_ALIAS}; pipeline run {parent.run_id} groups "
+            f"@{alias}; pipeline run {parent.run_id} groups "
             f"{', '.join(adopted) or 'no new runs'}"
             + (f" (reused: {', '.join(reused)})" if reused else "")
             + f"; report in {out}/")

@@ -41,6 +41,25 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
+def code_version(root: Path | None = None) -> str:
+    """A short hash of the pipeline's code as it runs here (``pipeline/*.py`` and the
+    package's ``*.py``, the stages' code deps): runs of different code never pool as seeds
+    of one configuration (foodtransfer compare), even with uncommitted edits."""
+    import hashlib
+
+    import foodtransfer
+
+    root = root or Path.cwd()
+    package = root / "src" / "foodtransfer"
+    if not package.is_dir():
+        package = Path(foodtransfer.__file__).parent
+    files = sorted(package.rglob("*.py")) + sorted((root / "pipeline").glob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 class TrackedRun:
     """Logging to one open MLflow run; every call retries on SQLite's lock."""
 
@@ -150,7 +169,8 @@ def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
     import mlflow
 
     end_orphaned_runs(connect(experiment))
-    all_tags = {RUN_KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    all_tags = {RUN_KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+                "code_version": code_version()}
     commit = git_commit(project_root())
     if commit:
         all_tags["git_commit"] = commit
