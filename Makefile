@@ -66,6 +66,12 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/benchmark.py
 
+# `make clean`: remove the virtual environment and Python/pytest caches (not data/, mlruns/,
+# models/ or reports/: those are DVC's and MLflow's, `dvc gc` and the MLflow UI manage them).
+clean:
+	rm -rf $(VENV) .pytest_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
 # `make bench-gpu`: the whole pipeline at the reference size, per-stage time and GPU load
 # (bench/gpu.py; on a GPU machine, where `make install` put tensorflow[and-cuda]).
 bench-gpu: $(STAMP)

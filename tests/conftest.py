@@ -222,3 +222,30 @@ def add_weights(repo: Path, weights: Path, env: dict[str, str]) -> str:
     subprocess.run(["dvc", "add", "-q", str(target.relative_to(repo))], cwd=repo, env=env,
                    check=True, capture_output=True, timeout=300)
     return "weights/standin.weights.h5"
+
+
+# ------------------------------------------------------------------ a real headless browser
+CHROMIUM = os.environ.get("FOODTRANSFER_CHROMIUM", "/usr/bin/chromium")
+# Flags for a closed network, as root: no sandbox, no GPU, no background connections.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=1600,1000")
+
+
+def chromium(url: str, *, screenshot: Path | None = None, budget_ms: int = 25000) -> str:
+    """Load ``url`` in Debian's headless Chromium, let its scripts run for ``budget_ms`` of
+    virtual time, and return the rendered DOM (and save a screenshot where asked)."""
+    if not Path(CHROMIUM).is_file():
+        raise AssertionError(
+            f"no Chromium at {CHROMIUM}: the browser tests need Debian's chromium and "
+            "chromium-driver (sudo apt-get install chromium chromium-driver, as .ci/run does), "
+            "or FOODTRANSFER_CHROMIUM=<path to a Chromium binary>.")
+    with tempfile.TemporaryDirectory() as profile:
+        common = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                  f"--virtual-time-budget={budget_ms}"]
+        if screenshot is not None:
+            subprocess.run([*common, f"--screenshot={screenshot}", url], capture_output=True,
+                           timeout=120, check=True)
+        result = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
+                                timeout=120, check=True)
+    return result.stdout

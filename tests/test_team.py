@@ -263,3 +263,51 @@ def test_a_server_stopped_mid_stage_fails_it_in_seconds_and_repro_recovers(team)
     lost = client.search_runs([experiment], "tags.variant = 'dropout' and "
                               "attributes.status = 'KILLED'")
     assert lost
+
+
+def test_a_server_stopped_while_the_model_is_logged_leaves_no_output(team) -> None:
+    """Outputs land only after the MLflow run ended: the server stopped while the transfer
+    stage logs its model leaves no DVC output, the run is not FINISHED, and the next repro
+    completes (the run the stage left behind is then ended KILLED)."""
+    server, a, env = team["server"], team["a"], team["env"]
+    client = client_for(server)
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    log = team["root"] / "model-logging.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(["dvc", "repro", "--force", "transfer"], cwd=a, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        stage_run = None
+        while time.monotonic() < deadline:  # until the stage has begun logging its model
+            running = client.search_runs([experiment], "attributes.status = 'RUNNING' and "
+                                         "tags.variant = 'transfer'")
+            if running:
+                stage_run = running[0].info.run_id
+                models = client.search_logged_models([experiment], filter_string=(
+                    f"source_run_id = '{stage_run}'"))
+                if models:
+                    break
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the transfer stage never began logging its model")
+        server.stop()
+        process.wait(timeout=120)
+        output = log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("transfer: error:")]
+    assert len(errors) == 1, output[-3000:]
+    for path in ("metrics/transfer.json", "models/transfer", "artifacts/transfer",
+                 "plots/transfer/history.csv"):
+        assert not (a / path).exists(), path  # nothing published
+    server.start()
+    recovered = run(["dvc", "repro"], a, env)
+    assert "transfer" in stages_run(recovered.stdout)
+    assert (a / "metrics" / "transfer.json").is_file()
+    assert json.loads(run(["dvc", "status", "--json"], a, env).stdout) == {}
+    assert client.get_run(stage_run).info.status in ("FAILED", "KILLED")

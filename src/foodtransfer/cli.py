@@ -199,14 +199,20 @@ def ui(
     port: int = typer.Option(5000, min=1, max=65535, help="Port on 127.0.0.1."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the URL and the command, start nothing."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the MLflow experiment's name is read."),
 ) -> None:
-    """Start the MLflow UI on this project's store (localhost only) and print its URL."""
+    """Start the MLflow UI on this project's store (localhost only) and print the URL of the
+    experiment's runs."""
+    import os
+
     from foodtransfer.tracking.store import tracking_uri
-    from foodtransfer.tracking.ui import ui_command
+    from foodtransfer.tracking.ui import UI_ENVIRONMENT, runs_url, ui_command
 
     host = "127.0.0.1"
     with _user_errors("ui"):
         command, url = ui_command(port, host)
+        url = runs_url(url, _experiment_id(_params_or_defaults(params).mlflow.experiment))
         if not command:
             typer.echo(f"MLFLOW_TRACKING_URI names a tracking server: open {url}")
             return
@@ -217,7 +223,18 @@ def ui(
     if dry_run:
         typer.echo(" ".join(command))
         return
-    raise typer.Exit(_run_until_stopped(command))
+    raise typer.Exit(_run_until_stopped(command, env={**os.environ, **UI_ENVIRONMENT}))
+
+
+def _experiment_id(name: str) -> str | None:
+    """The id of the MLflow experiment ``name`` in the project's store, or None (no store,
+    no such experiment, a server that does not answer)."""
+    from foodtransfer.tracking.store import connect_existing
+
+    try:
+        return connect_existing(name)
+    except UserError:
+        return None
 
 
 def _run_until_stopped(command: list[str], env: dict[str, str] | None = None) -> int:

@@ -22,8 +22,10 @@ import numpy as np
 
 from foodtransfer.errors import UserError
 from foodtransfer.tracking.registry import CHAMPION_ALIAS
-from foodtransfer.training.hyperrule import PREDICT_BATCH
 
+# Decoded images handed to the model per predict() call: bounds the memory of decoded pixels
+# (the model itself runs them IMAGE_BATCH at a time).
+IMAGES_PER_CALL = 256
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -176,7 +178,7 @@ def load_model(model_uri: str):
         raise ModelLoadError(f"cannot load the model {model_uri}: {_short(error)}") from error
 
 
-def probabilities(model, images: np.ndarray, batch_size: int = PREDICT_BATCH):
+def probabilities(model, images: np.ndarray, batch_size: int = IMAGES_PER_CALL):
     """The model's class probabilities (a DataFrame, one column per class) for uint8 images."""
     import pandas as pd
 

@@ -10,7 +10,7 @@ import numpy as np
 from foodtransfer.data.datasets import Transform, image_dataset
 from foodtransfer.data.images import NpyWriter
 from foodtransfer.data.manifests import Split
-from foodtransfer.training.hyperrule import FORWARD_BATCH, PREDICT_BATCH
+from foodtransfer.training.hyperrule import FEATURE_BATCH, FORWARD_BATCH
 
 
 def compile_forward(model, batch_size: int = FORWARD_BATCH, input_dtype: str = "uint8"):
@@ -76,7 +76,7 @@ def mirror_averaged(model, rows, mirrored=None) -> np.ndarray:
     return (probabilities + predict_array(model, mirrored)) / 2
 
 
-def predict_array(model, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+def predict_array(model, x, batch_size: int = FEATURE_BATCH) -> np.ndarray:
     """Probabilities for in-memory inputs, batch by batch, without Keras' data adapters."""
     import keras
 

@@ -224,6 +224,11 @@ def run(params: Params, trimmed: Path, split: Path, out: Path, metrics: Path,
     # The backbone's initial weights when weights=none: part of the data, like the split, so
     # that sweeping the training seed re-extracts nothing.
     keras.utils.set_random_seed(params.data.seed)
+    # Deterministic kernels: a re-run gives the same bytes (on a GPU too), so DVC does not
+    # see new features and re-run everything downstream (cost: bench/determinism.py).
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
     splits = load_splits(split)
     extractor = build_feature_extractor(params.backbone, params.weights, size)
     files = feature_files(splits, params.image_size, size, views=config.views, tta=config.tta,

@@ -347,7 +347,7 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
         champion_run = runs[champion]
         registered_version = register_version(
             champion_run.data.tags["model_uri"], config.registered_model,
-            champion_run.info.run_id, provenance(results[champion], parent.run_id, version),
+            provenance(results[champion], parent.run_id, version),
             description=_model_description(results))
         adopted = tracking_runs.adopt_runs(parent.run_id, runs)
         owners = {name: (parent.run_id if name in adopted

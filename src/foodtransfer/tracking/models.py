@@ -24,7 +24,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-PREDICT_BATCH = 32  # images per forward pass of the served model
+# Images per traced forward pass of the served model: each runs the whole backbone, so memory,
+# not call overhead, sets the size (rows of cached features take FEATURE_BATCH in hyperrule).
+IMAGE_BATCH = 32
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run_id>/model
 
 
@@ -75,8 +77,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     # model_input has no type hint on purpose: MLflow would try to turn it into a signature.
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_batch(model_input, int(self.model.input_shape[1]))
-        chunks = [np.asarray(self._forward(images[start:start + PREDICT_BATCH]))
-                  for start in range(0, len(images), PREDICT_BATCH)]
+        chunks = [np.asarray(self._forward(images[start:start + IMAGE_BATCH]))
+                  for start in range(0, len(images), IMAGE_BATCH)]
         probabilities = (np.concatenate(chunks) if chunks else
                          np.zeros((0, len(self.class_names)), np.float32))
         return pd.DataFrame(probabilities, columns=self.class_names)

@@ -31,26 +31,18 @@ def execution_alias() -> str:
     return CHALLENGER_ALIAS if os.environ.get("DVC_EXP_NAME") else CHAMPION_ALIAS
 
 
-def register_version(model_uri: str, name: str, run_id: str, tags: dict[str, str],
+def register_version(model_uri: str, name: str, tags: dict[str, str],
                      description: str | None = None) -> str:
-    """Register ``model_uri`` (logged by ``run_id``) as a new version of ``name`` with
-    ``tags``, or, when that very model is registered already (a report re-run on the same
-    runs), tag that version anew; returns its number. Moves no alias (:func:`set_alias` does,
-    once the execution's reports are written)."""
+    """Register ``model_uri`` as a new version of ``name`` with ``tags`` (the execution's
+    provenance; a model another execution registered too gets a version of its own, with its
+    own provenance); returns the version number. Moves no alias (:func:`set_alias` does, once
+    the execution's reports are written)."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    existing = [version for version in retry_on_lock(client.search_model_versions)(
-                    f"name = '{name}'")
-                if version.source == model_uri and version.run_id == run_id]
-    if existing:
-        version = existing[0]
-        for key, value in tags.items():
-            retry_on_lock(client.set_model_version_tag)(name, version.version, key, value)
-    else:
-        version = retry_on_lock(mlflow.register_model)(model_uri, name, tags=tags)
+    version = retry_on_lock(mlflow.register_model)(model_uri, name, tags=tags)
     if description:
-        retry_on_lock(client.update_registered_model)(name, description=description)
+        retry_on_lock(mlflow.MlflowClient().update_registered_model)(name,
+                                                                     description=description)
     return str(version.version)
 
 

@@ -8,6 +8,21 @@ from foodtransfer.errors import TrackingError
 from foodtransfer.tracking.store import custom_tracking_uri, default_store_dir, default_tracking_uri
 
 
+# One user on a laptop: one web worker, and no job runner (MLflow's GenAI evaluation jobs start
+# 7 queue consumer processes by default; the UI of training runs needs none).
+UI_WORKERS = 1
+UI_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def runs_url(base: str, experiment_id: str | None) -> str:
+    """The page of an experiment's runs table. MLflow's UI takes the page kind from its own
+    GenAI / model-training toggle (GenAI by default in a fresh browser), not from the
+    experiment's tags: ``workflowType=machine_learning`` opens the runs."""
+    if experiment_id is None:
+        return base
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def ui_command(port: int, host: str = "127.0.0.1") -> tuple[list[str], str]:
     """The ``mlflow ui`` command line for this project's store, and the URL it serves.
 
@@ -30,5 +45,5 @@ def ui_command(port: int, host: str = "127.0.0.1") -> tuple[list[str], str]:
                 "MLFLOW_TRACKING_URI.")
         command += ["--backend-store-uri", default_tracking_uri(),
                     "--default-artifact-root", (store / "artifacts").as_uri()]
-    command += ["--host", host, "--port", str(port)]
+    command += ["--host", host, "--port", str(port), "--workers", str(UI_WORKERS)]
     return command, f"http://{host}:{port}"

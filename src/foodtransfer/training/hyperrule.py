@@ -12,8 +12,9 @@ import math
 # The backbone's forward batch in the features stage and the fine-tune bottom cache. Fixed
 # (not `batch_size`), so sweeping the training batch size re-extracts nothing.
 FORWARD_BATCH = 32
-# Batch of in-memory predictions (features through a head, images through a pyfunc model).
-PREDICT_BATCH = 256
+# Rows of cached features (or frozen-bottom outputs) per call of a head: small rows, so large
+# batches (the served model takes whole images, IMAGE_BATCH in tracking/models.py).
+FEATURE_BATCH = 256
 
 # ReduceLROnPlateau: divide the rate by 5 after a third of the early-stopping patience
 # without improvement of the validation loss, down to this floor.
