@@ -204,6 +204,34 @@ def params_problems(name: str, stage: dict, read: list[str]) -> list[str]:
     return problems
 
 
+def variant_problems(all_stages: dict[str, dict]) -> list[str]:
+    """The registered variants (foodtransfer.variants) against dvc.yaml: each has a stage of
+    its name, and the report stage's cmd names each one's outputs, in the registry's order
+    (the report's pipeline order), and no other."""
+    from foodtransfer.variants import NAMES
+
+    problems = [f"variant {name} (registered) has no stage '{name}'" for name in NAMES
+                if name not in all_stages]
+    words = shlex.split(all_stages["report"]["cmd"])
+    options = {"--metrics": "metrics/{}.json", "--plots": "plots/{}",
+               "--artifacts": "artifacts/{}"}
+    for option, pattern in options.items():
+        given = [words[i + 1] for i, word in enumerate(words[:-1]) if word == option]
+        expected = [pattern.format(name) for name in NAMES]
+        for path in expected:
+            if path not in given:
+                problems.append(f"the report stage's cmd misses {option} {path} (a registered "
+                                "variant)")
+        for path in given:
+            if path not in expected:
+                problems.append(f"the report stage's cmd passes {option} {path}, which is not "
+                                "a registered variant's (src/foodtransfer/variants.py)")
+        if not problems and given != expected:
+            problems.append(f"the report stage's cmd gives {option} in another order than the "
+                            f"registry: {given} (registry: {expected})")
+    return problems
+
+
 STAGES = list(stages())
 
 
@@ -211,6 +239,24 @@ STAGES = list(stages())
 def test_stage_deps_and_outs_are_exactly_what_it_imports_reads_and_writes(name: str) -> None:
     problems = dag_problems(name, stages()[name])
     assert not problems, f"dvc.yaml stage '{name}': " + "; ".join(problems)
+
+
+def test_the_report_stage_reads_exactly_the_registered_variants() -> None:
+    problems = variant_problems(stages())
+    assert not problems, "dvc.yaml: " + "; ".join(problems)
+
+
+def test_the_variant_checker_names_what_is_missing() -> None:
+    all_stages = {name: dict(spec) for name, spec in stages().items()}
+    all_stages["report"]["cmd"] = all_stages["report"]["cmd"].replace(
+        "--metrics metrics/dropout.json", "--metrics metrics/wide.json")
+    del all_stages["finetune"]
+    problems = variant_problems(all_stages)
+    assert "variant finetune (registered) has no stage 'finetune'" in problems
+    assert ("the report stage's cmd misses --metrics metrics/dropout.json (a registered "
+            "variant)") in problems
+    assert any("passes --metrics metrics/wide.json, which is not a registered" in problem
+               for problem in problems)
 
 
 def test_every_stage_has_a_script_and_a_module_of_its_name() -> None:

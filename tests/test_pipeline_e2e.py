@@ -18,11 +18,12 @@ import pytest
 import yaml
 
 from conftest import merge_params
+from foodtransfer.variants import NAMES as registered_variants
 
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "transfer", "dropout", "finetune")
+VARIANTS = registered_variants  # the registry: every check below covers each variant
 ALL_STAGES = ("download", "trim", "split", "features", *VARIANTS, "report")
 
 # The default recipe (features.crop 0.875: the backbone sees 32 of 36 px, 2 augmented views,
@@ -142,7 +143,7 @@ def test_progress_in_a_log_is_whole_lines_at_a_bounded_rate(pipeline):
     output = pipeline["first"].stdout + pipeline["first"].stderr
     assert "\r" not in output  # no redrawn bars in a log
     assert len(output.splitlines()) < 400
-    for stage in ("baseline", "transfer", "dropout", "finetune"):
+    for stage in VARIANTS:
         assert re.search(rf"^{stage}: epoch 1/\d+( \(\d+ overall\))?: loss \d\.\d{{3}}, "
                          r"accuracy \d\.\d{3}, val_loss \d\.\d{3}, val_accuracy \d\.\d{3}, "
                          r"lr [\d.e-]+, \d+\.\d\d s/epoch(, ETA <= \d+ (s|min \d\d s))?$",
@@ -578,7 +579,8 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).parent / "foodtransfer"), "ui", "--port", str(port)]
-    printed = run([*command, "--dry-run"], repo, env).stdout
+    printed = subprocess.run([*command, "--dry-run"], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=300, check=True).stdout
     with server_process(command, f"{base}/health", cwd=repo, env=env) as server:
         experiment = http_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?"
                                "experiment_name=e2e")["experiment"]
@@ -746,3 +748,89 @@ def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
     for item in output["images"][0]["predictions"]:
         assert item["probability"] == pytest.approx(float(expected[item["class_name"]][0]),
                                                     abs=1e-5)
+
+
+# ---------------------------------------------------------------- a new variant, as documented
+# Last in this module: it changes the project's code, registry and dvc.yaml.
+LIGHTDROP_STAGE = '''"""Stage ``lightdrop``: the transfer head with Dropout(0.2) and no regulariser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from foodtransfer.config import Params
+from foodtransfer.results import VariantPaths
+from foodtransfer.stages.transfer import train_head
+
+
+def run(params: Params, trimmed: Path, split: Path, features: Path,
+        outputs: VariantPaths) -> str:
+    return train_head(params, "lightdrop", trimmed=trimmed, split=split, features=features,
+                      outputs=outputs, dropout=0.2, l1=0.0, l2=0.0)
+'''
+
+
+def add_lightdrop(repo: Path) -> None:
+    """docs/extending.md's four steps, in ``repo``."""
+    registry = repo / "src" / "foodtransfer" / "variants.py"  # 1. register it
+    text = registry.read_text()
+    marker = "\n)\nNAMES"
+    assert marker in text
+    registry.write_text(text.replace(marker, '''
+    Variant("lightdrop", "the head with a light Dropout(0.2), no regulariser", True,
+            color="tab:red"),
+)
+NAMES'''))
+    # 2. its logic and its script
+    (repo / "src" / "foodtransfer" / "stages" / "lightdrop.py").write_text(LIGHTDROP_STAGE)
+    script = (repo / "pipeline" / "transfer.py").read_text()
+    for old, new in (("stage `transfer`", "stage `lightdrop`"),
+                     ("stages/transfer.py", "stages/lightdrop.py"),
+                     ("stages.transfer import run", "stages.lightdrop import run"),
+                     ('run_stage("transfer"', 'run_stage("lightdrop"')):
+        assert old in script, old
+        script = script.replace(old, new)
+    (repo / "pipeline" / "lightdrop.py").write_text(script)
+    # 3. its stage in dvc.yaml, its outputs in the report's
+    dvc_yaml = repo / "dvc.yaml"
+    spec = yaml.safe_load(dvc_yaml.read_text())
+    stage = json.dumps(spec["stages"]["transfer"])
+    for folder in ("pipeline/", "metrics/", "plots/", "artifacts/", "models/"):
+        stage = stage.replace(f"{folder}transfer", f"{folder}lightdrop")
+    stage = json.loads(stage)
+    stage["deps"].insert(stage["deps"].index("src/foodtransfer/stages/runner.py"),
+                         "src/foodtransfer/stages/lightdrop.py")
+    spec["stages"]["lightdrop"] = stage
+    report = spec["stages"]["report"]
+    report["cmd"] = report["cmd"].replace(
+        "--out reports", "--metrics metrics/lightdrop.json --plots plots/lightdrop "
+        "--artifacts artifacts/lightdrop --out reports")
+    report["deps"] += ["metrics/lightdrop.json", "plots/lightdrop/history.csv",
+                       "plots/lightdrop/predictions.csv", "artifacts/lightdrop"]
+    dvc_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_a_new_variant_by_the_documented_steps(seeded):
+    from mlflow import MlflowClient
+
+    repo, env = seeded["repo"], seeded["env"]
+    add_lightdrop(repo)
+    ran = run(["dvc", "repro"], repo, env)  # 4. run
+    assert stages_run(ran.stdout) == {"lightdrop", "report"}, ran.stdout
+    metrics = json.loads((repo / "metrics" / "lightdrop.json").read_text())
+    assert metrics["best_val_accuracy"] >= LEARNS and metrics["deployed_model_drift"] <= 1e-3
+    text = (repo / "reports" / "comparison.md").read_text()
+    assert re.search(r"^\| (\*\*)?lightdrop(\*\*)? \|", text, re.M), text
+    assert "- lightdrop vs finetune:" in text  # paired with every earlier variant
+    # The champion is chosen among the five: lightdrop is a candidate like the others.
+    client, parents = pipeline_runs(repo)
+    latest = parents[-1]
+    scores = {name: latest.data.metrics[f"{name}_best_val_accuracy"]
+              for name in (*VARIANTS, "lightdrop")}
+    assert scores[latest.data.tags["champion"]] == max(scores.values())
+    champion = client.get_model_version_by_alias("food101-classifier", "champion")
+    assert champion.tags["pipeline_run_id"] == latest.info.run_id
+    compared = run([str(Path(sys.executable).parent / "foodtransfer"), "compare",
+                    latest.info.run_id], repo, env)
+    frame = pd.read_csv(repo / "reports" / "experiments.csv")
+    assert "lightdrop" in set(frame["variant"]), (compared.stdout, frame)

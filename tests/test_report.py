@@ -412,3 +412,28 @@ def test_report_stage_script(store: Path) -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_an_experiment_moves_the_challenger_and_a_first_one_the_champion_too(
+        store: Path, monkeypatch) -> None:
+    """Inside a DVC experiment (DVC_EXP_NAME) the winner gets @challenger; the champion stays,
+    unless there is none yet. An unregistered variant is refused, naming the registry."""
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
+    params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
+    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    paths = write_outputs(store, run_ids)
+    monkeypatch.setenv("DVC_EXP_NAME", "first-exp")
+    assert "food v1 @challenger @champion" in run_report(params, paths)
+    monkeypatch.setenv("DVC_EXP_NAME", "second-exp")
+    assert "food v2 @challenger;" in run_report(params, paths)
+    assert str(client.get_model_version_by_alias("food", "champion").version) == "1"
+    challenger = client.get_model_version_by_alias("food", "challenger")
+    assert str(challenger.version) == "2" and challenger.tags["dvc_exp_name"] == "second-exp"
+    assert "the alias `challenger`" in (paths.reports / "comparison.md").read_text()
+
+    from foodtransfer.errors import DataError
+
+    unknown = VariantSource(paths.root / "metrics" / "wide.json", paths.root / "plots" / "wide",
+                            paths.root / "artifacts" / "wide")
+    with pytest.raises(DataError, match=r"'wide' is not a registered variant .*variants\.py"):
+        load_results([*paths.sources, unknown])

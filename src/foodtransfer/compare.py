@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from foodtransfer import variants
 from foodtransfer.errors import UserError
 from foodtransfer.evaluation import right_per_image
 from foodtransfer.markdown import experiments_markdown
@@ -34,7 +35,7 @@ from foodtransfer.uncertainty import mean_and_sd, pooled_interval
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "transfer", "dropout", "finetune")
+VARIANTS = variants.NAMES
 GROUPING_IGNORES = ("seed", "mlflow.")  # params that do not make another configuration
 # Runs of different code are another configuration too (a pseudo-param in the grouping key),
 # unless the user pools them explicitly (--pool-code-versions).

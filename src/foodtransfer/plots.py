@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from foodtransfer.atomic import atomic_file  # noqa: E402
+from foodtransfer.variants import VARIANTS  # noqa: E402
 
-COLORS = {"baseline": "tab:grey", "transfer": "tab:blue", "dropout": "tab:orange",
-          "finetune": "tab:green"}
+COLORS = {variant.name: variant.color for variant in VARIANTS}
 
 
 def save(figure: plt.Figure, path: Path) -> None:
@@ -96,7 +96,7 @@ def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
                     axis.plot(best["epoch"], best[f"val_{metric}"], marker="*", markersize=13,
                               color=color, markeredgecolor="black", linestyle="none")
         if finetune_start is not None:
-            axis.axvline(finetune_start, color=COLORS["finetune"], linestyle=":", alpha=0.8)
+            axis.axvline(finetune_start, color="tab:green", linestyle=":", alpha=0.8)
             axis.annotate("fine-tune starts\n(from dropout's best weights)",
                           (finetune_start, 0.0), xycoords=("data", "axes fraction"),
                           xytext=(4, 4), textcoords="offset points", va="bottom", fontsize=8)

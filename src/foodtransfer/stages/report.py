@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foodtransfer import plots
+from foodtransfer import plots, variants
 from foodtransfer.atomic import scratch_dir
 from foodtransfer.config import Params, flatten
 from foodtransfer.data.manifests import data_version
@@ -33,8 +33,8 @@ from foodtransfer.markdown import Pair, ReportContext, comparison_markdown, numb
 from foodtransfer.tracking.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from foodtransfer.uncertainty import PairedDifference, paired_difference
 
-VARIANTS = ("baseline", "transfer", "dropout", "finetune")
-TRANSFER_VARIANTS = ("transfer", "dropout")  # heads on the frozen backbone
+VARIANTS = variants.NAMES  # in pipeline order: the paired tests compare later with earlier
+TRANSFER_VARIANTS = tuple(v.name for v in variants.VARIANTS if v.frozen_backbone)
 REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
 # Per-variant metrics the pipeline run repeats, with their intervals (prefixes of the keys).
 SUMMARY_METRICS = ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "best_val_accuracy")
@@ -80,7 +80,7 @@ def load_results(sources: list[VariantSource]) -> dict[str, VariantResult]:
                         "--artifacts (see the report stage's cmd in dvc.yaml).")
     results = {}
     for source in sources:
-        variant = source.name
+        variant = variants.get(source.name).name  # only registered variants are compared
         metrics_path = source.metrics
         run_path = source.artifacts / "mlflow_run.json"
         try:
@@ -165,7 +165,6 @@ def paired_tests(results: dict[str, VariantResult]) -> list[Pair]:
 
 def runner_up(results: dict[str, VariantResult], champion: str) -> str | None:
     others = tuple(name for name in VARIANTS if name in results and name != champion)
-    others += tuple(name for name in results if name not in VARIANTS and name != champion)
     return choose_best(results, others) if others else None
 
 
@@ -184,27 +183,28 @@ def pair_metrics(pairs: list[Pair]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------- figures
-def _continue_from(dropout: VariantResult | None, finetune: pd.DataFrame) -> pd.DataFrame:
-    """The fine-tune history led by the point it starts from: the dropout model at its best
-    (restored) epoch, placed just before the first fine-tune epoch, so its curve visibly
-    continues the dropout curve."""
-    if dropout is None or dropout.history.empty or finetune.empty:
-        return finetune
-    best = dropout.history[dropout.history["epoch"] == dropout.metrics.get("best_epoch")]
-    start = (best if not best.empty else dropout.history.tail(1)).copy()
-    start["epoch"] = float(finetune["epoch"].min()) - 1
-    return pd.concat([start, finetune], ignore_index=True)
+def _continue_from(start: VariantResult | None, history: pd.DataFrame) -> pd.DataFrame:
+    """The history of a variant that continues ``start``'s trained model (the fine-tune from
+    the dropout model), led by the point it starts from: ``start`` at its best (restored)
+    epoch, placed just before its first epoch, so that its curve visibly continues."""
+    if start is None or start.history.empty or history.empty:
+        return history
+    best = start.history[start.history["epoch"] == start.metrics.get("best_epoch")]
+    point = (best if not best.empty else start.history.tail(1)).copy()
+    point["epoch"] = float(history["epoch"].min()) - 1
+    return pd.concat([point, history], ignore_index=True)
 
 
 def plot_curves(results: dict[str, VariantResult], path: Path) -> None:
-    """Every variant's curves on shared axes; the fine-tune curve continues the dropout
-    curve's epochs."""
-    histories = {name: (_continue_from(results.get("dropout"), result.history)
-                        if name == "finetune" else result.history)
-                 for name, result in results.items()}
-    finetune = results.get("finetune")
-    start = (float(finetune.history["epoch"].min()) - 0.5
-             if finetune is not None and not finetune.history.empty else None)
+    """Every variant's curves on shared axes; a variant that continues another's model
+    continues its curve's epochs."""
+    histories, start = {}, None
+    for name, result in results.items():
+        origin = variants.get(name).starts_from
+        histories[name] = (_continue_from(results.get(origin), result.history) if origin
+                           else result.history)
+        if origin and start is None and not result.history.empty:
+            start = float(result.history["epoch"].min()) - 0.5
     plots.all_curves(histories, {name: result.metrics.get("best_epoch")
                                  for name, result in results.items()}, path, start)
 
@@ -256,8 +256,7 @@ def write_figures(results: dict[str, VariantResult], champion: str, trimmed: Pat
     plot_curves(results, out / "curves.png")
     confusion_variants = [choose_best(results, TRANSFER_VARIANTS)] if any(
         name in results for name in TRANSFER_VARIANTS) else []
-    if "finetune" in results:
-        confusion_variants.append("finetune")
+    confusion_variants += [name for name in results if variants.get(name).starts_from]
     class_names = results[champion].class_names
     plots.confusion_figure(
         [(confusion_counts(results[name].predictions, class_names),
@@ -321,7 +320,7 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     groups this execution's variant runs, and register the champion. Returns the stage's
     summary line."""
     from foodtransfer.tracking import runs as tracking_runs
-    from foodtransfer.tracking.registry import execution_alias, register_version, set_alias
+    from foodtransfer.tracking.registry import execution_alias, move_aliases, register_version
     from foodtransfer.tracking.store import connect, project_root
 
     results = load_results(sources)
@@ -375,13 +374,13 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
                          "registered_model_version": registered_version,
                          "registered_model_alias": alias})
         # The alias moves once the reports are written and logged; the files land last.
-        set_alias(config.registered_model, alias, registered_version)
+        moved = move_aliases(config.registered_model, alias, registered_version)
         publish(tmp, out)
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "
             f"{best['test_accuracy']:.3f}) -> {config.registered_model} v{registered_version} "
-            f"@{alias}; pipeline run {parent.run_id} groups "
+            f"{' '.join('@' + name for name in moved)}; pipeline run {parent.run_id} groups "
             f"{', '.join(adopted) or 'no new runs'}"
             + (f" (reused: {', '.join(reused)})" if reused else "")
             + f"; report in {out}/")

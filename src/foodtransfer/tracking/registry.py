@@ -52,6 +52,17 @@ def set_alias(name: str, alias: str, version: str) -> None:
     retry_on_lock(mlflow.MlflowClient().set_registered_model_alias)(name, alias, version)
 
 
+def move_aliases(name: str, alias: str, version: str) -> list[str]:
+    """Point ``alias`` at ``version``; a challenger also becomes the champion when there is
+    none yet (a first run that is an experiment: nothing is replaced, and predict and serve
+    have a model). Returns the aliases moved."""
+    set_alias(name, alias, version)
+    if alias == CHALLENGER_ALIAS and version_by_alias(name, CHAMPION_ALIAS) is None:
+        set_alias(name, CHAMPION_ALIAS, version)
+        return [alias, CHAMPION_ALIAS]
+    return [alias]
+
+
 def version_by_alias(name: str, alias: str) -> Any | None:
     """The version of ``name`` that ``alias`` points at, or None."""
     import mlflow
@@ -76,7 +87,7 @@ def resolve_version(name: str, reference: str) -> Any:
                             "first (dvc repro), or check mlflow.registered_model in params.")
     latest_first = sorted(versions, key=lambda version: int(version.version), reverse=True)
     if reference.isdigit():
-        found = [v for v in latest_first if v.version == reference]
+        found = [v for v in latest_first if str(v.version) == reference]
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
         found = [v for v in latest_first if reference in (
             v.run_id, v.tags.get("pipeline_run_id"))]
