@@ -359,7 +359,7 @@ def compare(names: list[str], experiment: str, out: Path, data_version: str | No
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "experiments.png"
     if swept:
-        plots.sweep_figure(frame, swept, figure)
+        plots.sweep_figure(frame, swept, figure, colors=variants.COLORS)
     elif figure.exists():
         figure.unlink()  # an earlier sweep's figure would not match this comparison
     write_text(out / "experiments.csv", frame.to_csv(index=False))

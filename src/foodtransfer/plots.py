@@ -17,9 +17,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from foodtransfer.atomic import atomic_file  # noqa: E402
-from foodtransfer.variants import VARIANTS  # noqa: E402
 
-COLORS = {variant.name: variant.color for variant in VARIANTS}
+
 
 
 def save(figure: plt.Figure, path: Path) -> None:
@@ -75,7 +74,8 @@ def confusion_figure(panels: Sequence[tuple[np.ndarray, str]], class_names: list
 
 
 def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
-               path: Path, finetune_start: float | None = None) -> None:
+               path: Path, finetune_start: float | None = None,
+               colors: dict[str, str] | None = None) -> None:
     """Train (dashed) and validation (solid) loss and accuracy of every variant on shared
     axes, stars at the best epochs, a dotted line where fine-tuning starts."""
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
@@ -83,7 +83,7 @@ def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
         for name, history in histories.items():
             if history.empty or "epoch" not in history:
                 continue
-            color = COLORS.get(name)
+            color = (colors or {}).get(name)
             epochs = history["epoch"].to_numpy(float)
             if metric in history:
                 axis.plot(epochs, history[metric], linestyle="--", color=color, alpha=0.7,
@@ -131,7 +131,7 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], title: str
 
 
 def sweep_figure(frame: pd.DataFrame, swept: Sequence[str], path: Path,
-                 metric: str = "test_accuracy") -> None:
+                 metric: str = "test_accuracy", colors: dict[str, str] | None = None) -> None:
     """The mean ``metric`` over seeds against the swept params' values, ± one standard
     deviation as error bars, one line per variant. Numeric values of a single swept param
     are spaced as numbers; anything else is one tick per configuration."""
@@ -149,7 +149,7 @@ def sweep_figure(frame: pd.DataFrame, swept: Sequence[str], path: Path,
     for variant, rows in frame.assign(_x=positions).groupby("variant", sort=False):
         rows = rows.sort_values("_x")
         axis.errorbar(rows["_x"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_sd"].fillna(0),
-                      marker="o", capsize=4, color=COLORS.get(variant), label=variant)
+                      marker="o", capsize=4, color=(colors or {}).get(variant), label=variant)
     axis.set_xticks(ticks, tick_labels, rotation=0 if numeric else 30)
     axis.set_xlabel(", ".join(swept))
     axis.set_ylabel(f"{metric.replace('_', ' ')} (mean ± sd over seeds)")

@@ -170,9 +170,13 @@ def verify_deployed_model(model_uri: str, trimmed: Path, split: Split, expected:
     probabilities with ``expected`` (the ones the metrics came from, one row per image of
     the split). Returns the largest difference; raises :class:`DeployedModelError` beyond
     the tolerance of ``precision_policy``."""
+    import logging
+    import time
+
     from foodtransfer.data.datasets import image_store
     from foodtransfer.predict import load_model, probabilities
 
+    started = time.perf_counter()
     positions = verification_indices(len(split))
     images = image_store(trimmed, split).read(split.indices[positions])
     served = probabilities(load_model(model_uri), images).to_numpy(dtype="float64")
@@ -186,6 +190,10 @@ def verify_deployed_model(model_uri: str, trimmed: Path, split: Split, expected:
             f"{precision_policy}). Its image preprocessing (crop, flip, scaling) or weights "
             "differ from the evaluated path's: nothing was published; fix the model code and "
             f"re-run 'dvc repro {variant}'.")
+    logging.getLogger(__name__).info(
+        "deployed-model check: the logged model gives the evaluated probabilities on %d "
+        "validation images (largest difference %.2g) [%.1fs]", len(positions), drift,
+        time.perf_counter() - started)
     return drift
 
 

@@ -35,6 +35,7 @@ VARIANTS: tuple[Variant, ...] = (
             starts_from="dropout", color="tab:green"),
 )
 NAMES: tuple[str, ...] = tuple(variant.name for variant in VARIANTS)
+COLORS: dict[str, str] = {variant.name: variant.color for variant in VARIANTS}
 
 
 def get(name: str) -> Variant:

@@ -206,7 +206,8 @@ def plot_curves(results: dict[str, VariantResult], path: Path) -> None:
         if origin and start is None and not result.history.empty:
             start = float(result.history["epoch"].min()) - 0.5
     plots.all_curves(histories, {name: result.metrics.get("best_epoch")
-                                 for name, result in results.items()}, path, start)
+                                 for name, result in results.items()}, path, start,
+                     colors=variants.COLORS)
 
 
 def confusion_counts(predictions: pd.DataFrame, class_names: list[str]) -> np.ndarray:
