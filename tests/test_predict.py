@@ -39,7 +39,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ``food-test@champion`` (params.yaml names it), plus a folder of test images."""
     import keras
 
-    from foodtransfer.tracking.registry import register_model_version
+    from foodtransfer.tracking.registry import register_version, set_alias
     from foodtransfer.tracking.runs import tracked_run
 
     root = tmp_path_factory.mktemp("predict") / "project"
@@ -62,7 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                          {"data_version": "v"}) as run:
             model_uri = run.log_model(saved / "model.keras", saved / "classes.json", example)
             run_id = run.run_id
-        register_model_version(model_uri, MODEL_NAME, "champion", run_id, tags={})
+        set_alias(MODEL_NAME, "champion", register_version(model_uri, MODEL_NAME, tags={}))
         images = root / "images"
         (images / "more").mkdir(parents=True)
         rng = np.random.default_rng(1)
@@ -195,7 +195,7 @@ def test_ui_dry_run_uses_the_project_store(in_project: dict) -> None:
     command = result.stdout.strip().splitlines()[-1]
     assert f"--backend-store-uri sqlite:///{root / 'mlruns' / 'mlflow.db'}" in command
     assert f"--default-artifact-root {(root / 'mlruns' / 'artifacts').as_uri()}" in command
-    assert command.endswith("--host 127.0.0.1 --port 5123")
+    assert command.endswith("--host 127.0.0.1 --port 5123 --workers 1")  # one user: one worker
 
 
 def test_ui_honours_mlflow_tracking_uri(in_project: dict, tmp_path: Path,

@@ -229,12 +229,20 @@ def ui(
 def _experiment_id(name: str) -> str | None:
     """The id of the MLflow experiment ``name`` in the project's store, or None (no store,
     no such experiment, a server that does not answer)."""
+    import os
+
     from foodtransfer.tracking.store import connect_existing
 
+    before = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's set_tracking_uri exports it
     try:
         return connect_existing(name)
     except UserError:
         return None
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _run_until_stopped(command: list[str], env: dict[str, str] | None = None) -> int:
