@@ -33,7 +33,7 @@ from foodtransfer.training.loop import History
 # probabilities the reported metrics came from on these many validation images (spread evenly
 # over the validation manifest), to this tolerance (largest absolute difference of a class
 # probability): float rounding in float32; float16 compute (mixed precision) rounds more.
-VERIFY_IMAGES = 32
+VERIFY_IMAGES = 16
 VERIFY_TOLERANCE = {"float32": 1e-3, "mixed_float16": 2e-2}
 
 
