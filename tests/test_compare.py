@@ -154,3 +154,34 @@ def test_where_keeps_the_runs_with_those_param_values() -> None:
         filter_params(executions, ["dropout"])
     with pytest.raises(CompareError, match="no pipeline run matches dropout=0.9"):
         filter_params(executions, ["dropout=0.9"])
+
+
+def test_the_results_spec_in_the_repo_queues_each_configuration_once(tmp_path) -> None:
+    from pathlib import Path
+
+    from foodtransfer.resultspage import load_spec, queue_commands
+
+    spec = load_spec(Path(__file__).parent.parent / "docs" / "results" / "mini8.yaml")
+    commands = queue_commands(spec)
+    assert len(commands) == len(spec.configurations) + 1
+    assert commands[-1] == ["dvc", "exp", "run", "--run-all", "-j", "1"]
+    for command in commands[:-1]:
+        keys = [arg.split("=", 1)[0] for arg in command[5::2]]
+        assert len(keys) == len(set(keys)), command  # one -S per param: no order question
+        assert "-S" in command and "seed=1,2,3" in command
+    reference = commands[0]
+    assert "image_size=224" in reference and reference[-1] == "finetune"
+    assert any(arg.startswith("data.classes=[cannoli,edamame,") for arg in reference)
+    assert "dropout=0.2,0.4" in commands[5] and "finetune.views=2" in commands[7]
+
+
+def test_a_bad_results_spec_is_one_clear_line(tmp_path) -> None:
+    from foodtransfer.cli import app
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("title: t\nexperiment: e\nseeds: []\nconfigurations: {a: {sett: {}}}\n")
+    result = CliRunner().invoke(app, ["results", str(spec)])
+    assert result.exit_code == 2
+    assert "is not a results spec: seeds:" in result.output
+    assert "configurations.a.sett: Extra inputs are not permitted" in result.output
+    assert not (tmp_path / "bad").exists()

@@ -707,6 +707,34 @@ def test_compare_aggregates_seeds_and_draws_the_sweep(seeded):
     assert any(key.endswith("/finetune/test_accuracy_mean") for key in comparison.data.metrics)
 
 
+def test_the_results_page_regenerates_from_the_store(seeded):
+    """`foodtransfer results SPEC` writes compare's page from the store under a header that
+    names the spec; the spec's queue commands are the ones that made these runs."""
+    from foodtransfer.resultspage import load_spec, queue_commands
+
+    repo, env = seeded["repo"], seeded["env"]
+    spec_path = repo / "docs" / "results" / "tiny.yaml"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(yaml.safe_dump({
+        "title": "Tiny", "experiment": "e2e", "seeds": [7],
+        "configurations": {"sweep": {"grid": {"dropout": [0.3, 0.6]}}}}))
+    assert queue_commands(load_spec(spec_path))[0] == [
+        "dvc", "exp", "run", "--queue", "-S", "mlflow.experiment=e2e", "-S",
+        "dropout=0.3,0.6", "-S", "seed=7"]
+    written = run([str(Path(sys.executable).parent / "foodtransfer"), "results",
+                   "docs/results/tiny.yaml"], repo, env)
+    assert "compared 4 pipeline runs in 2 configurations" in written.stdout, written.stdout
+    page = (repo / "docs" / "results" / "tiny" / "experiments.md").read_text()
+    assert page.startswith("# Tiny\n") and "[tiny.yaml](../tiny.yaml)" in page, page[:400]
+    assert "dropout=0.3" in page and "dropout=0.6" in page
+    frame = pd.read_csv(repo / "docs" / "results" / "tiny" / "experiments.csv")
+    compared = pd.read_csv(repo / "reports" / "experiments.csv")
+    assert frame[["variant", "dropout", "test_accuracy_mean"]].equals(
+        compared[["variant", "dropout", "test_accuracy_mean"]])
+    assert all(name in page for name in VARIANTS)
+    assert (repo / "docs" / "results" / "tiny" / "experiments.png").stat().st_size > 1000
+
+
 def test_compare_refuses_an_unknown_experiment(seeded):
     script = str(Path(sys.executable).parent / "foodtransfer")
     result = subprocess.run([script, "compare", "no-such-exp"], cwd=seeded["repo"],

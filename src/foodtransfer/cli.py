@@ -3,6 +3,8 @@
 - ``foodtransfer predict IMAGE_OR_DIR... [--model-uri URI] [--top-k 5] [--json]``: the top-k
   classes of each image, by default with the registry's champion.
 - ``foodtransfer compare [EXPERIMENT...]``: pipeline runs aggregated over seeds and sweeps.
+- ``foodtransfer results SPEC [--run]``: a results page from the MLflow store (a spec in
+  docs/results/).
 - ``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: move ``@champion`` to that registered
   version, with a paired comparison on validation against the champion it replaces.
 - ``foodtransfer serve [--model-uri URI] [--port 5001]``: the champion over HTTP (MLflow's
@@ -119,6 +121,28 @@ def compare(
         summary = compare_runs(list(experiments or []), name, out, data_version,
                                list(where or []), pool_code_versions=pool_code_versions)
     typer.echo(f"compare: {summary}")
+
+
+@app.command()
+def results(
+    spec: Path = typer.Argument(..., metavar="SPEC",
+                                help="A results spec, e.g. docs/results/mini8.yaml."),
+    run: bool = typer.Option(False, "--run",
+                             help="Queue and run every configuration x seed first (DVC)."),
+    out: Path | None = typer.Option(None, "--out",
+                                    help="Where the page goes (default: next to SPEC, "
+                                         "a folder named after it)."),
+) -> None:
+    """Write a results page (compare's tables and figure under a header naming SPEC) from
+    the MLflow store; with --run, run its experiments first."""
+    with _user_errors("results"):
+        from foodtransfer.resultspage import load_spec, run_spec, write_page
+
+        loaded = load_spec(spec)
+        if run:
+            run_spec(loaded, echo=typer.echo)
+        summary = write_page(loaded, spec, out or spec.with_suffix(""))
+    typer.echo(f"results: {summary}")
 
 
 @app.command()
