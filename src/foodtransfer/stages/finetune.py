@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,25 +135,97 @@ def cached_probabilities(trainable, cache: Path, tta: bool) -> dict[str, np.ndar
         for name in ("test", "val")}
 
 
-def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_model: Path,
-        start_history: Path, outputs: VariantPaths) -> str:
+@dataclass
+class TrainingData:
+    """What the fine-tune trains on, by one of three paths (:func:`training_data`)."""
+
+    model: Any  # the model fit trains: the image model, or its top above the cached bottom
+    train: Any
+    val: Any
+    source: str  # "features stage", "built by finetune" or "none" (tag bottom_cache)
+    cache_seconds: float | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.source != "none"
+
+
+def from_features_cache(model, parts, cache: Path, params: Params, splits, strategy
+                        ) -> TrainingData:
+    """Path 1: the features stage's frozen-bottom cache, checked to be this fine-tune's."""
+    started = time.perf_counter()
+    data = _cached_bottom(model, parts, cache, params, splits, strategy, "features stage")
+    data.cache_seconds = round(time.perf_counter() - started, 3)
+    return data
+
+
+def from_own_cache(model, parts, forward, plain, params: Params, trimmed: Path, splits,
+                   strategy, scratch: Path) -> TrainingData:
+    """Path 2: the fine-tune streams its own frozen-bottom cache to ``scratch``."""
+    started = time.perf_counter()
+    write_bottom_cache(forward, plain, trimmed, splits, scratch, views=params.finetune.views,
+                       seed=params.data.seed)
+    data = _cached_bottom(model, parts, scratch, params, splits, strategy, "built by finetune")
+    data.cache_seconds = round(time.perf_counter() - started, 3)
+    return data
+
+
+def _cached_bottom(model, parts, cache: Path, params: Params, splits, strategy, source: str
+                   ) -> TrainingData:
+    config, batch = params.finetune, params.batch_size
+    return TrainingData(
+        model=top_model(model, parts[1], strategy),
+        train=views_dataset(cache / "train.npy", splits["train"].labels, batch,
+                            views=config.views, epochs=config.epochs, seed=params.seed),
+        val=npy_dataset(cache / "val.npy", splits["val"].labels, batch), source=source)
+
+
+def from_images(model, params: Params, trimmed: Path, splits) -> TrainingData:
+    """Path 3: the whole image model on the images (augmentation inside the model, or no
+    frozen bottom to cache)."""
+    batch = params.batch_size
+    return TrainingData(model=model,
+                        train=image_dataset(trimmed, splits["train"], batch, shuffle=True,
+                                            seed=params.seed),
+                        val=image_dataset(trimmed, splits["val"], batch), source="none")
+
+
+def start_model(source: Path, params: Params, strategy):
+    """The trained dropout model with the top of its backbone unfrozen (and the augmentation
+    layers in front with ``finetune.augment``), its backbone and the unfrozen layer count."""
     import keras
 
-    setup = prepare_training(params)
-    class_names = load_classes(trimmed)
-    splits = load_splits(split)
-    source = start_model / "model.keras"
     if not source.is_file():
         raise DataError(f"{source} is missing: run 'dvc repro dropout' first.")
-    config = params.finetune
-    with setup.strategy.scope():
+    with strategy.scope():
         model = keras.saving.load_model(source, compile=False)  # compiled below, as fit does
         backbone = get_backbone_model(model)
-        unfrozen = unfreeze_top(backbone, config.unfreeze)
-        if config.augment:
+        unfrozen = unfreeze_top(backbone, params.finetune.unfreeze)
+        if params.finetune.augment:
             inputs = keras.Input(model.input_shape[1:], name="image")
             model = keras.Model(inputs, model(augmentation(params.seed)(inputs)),
                                 name="image_classifier")
+    return model, backbone, unfrozen
+
+
+def describe(params: Params, unfrozen: int, cached: bool) -> str:
+    config = params.finetune
+    rate = hyperrule.finetune_learning_rate(params.learning_rate, config.lr_scale)
+    return (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
+            f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "
+            f"{config.epochs} epochs at learning rate {rate:g} ({config.lr_schedule} schedule)"
+            + (f" on {config.views} cached augmented views per image"
+               if config.views and cached else "") + ".")
+
+
+def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_model_dir: Path,
+        start_history: Path, outputs: VariantPaths) -> str:
+    setup = prepare_training(params)
+    class_names = load_classes(trimmed)
+    splits = load_splits(split)
+    config = params.finetune
+    model, backbone, unfrozen = start_model(start_model_dir / "model.keras", params,
+                                            setup.strategy)
     parts = split_frozen_bottom(backbone) if config.cache_frozen and not config.augment else None
     meta = None
     if parts is not None:
@@ -163,66 +236,48 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
             tolerance=1e-4 if setup.precision_policy == "float32" else 2e-2)
         if meta is None:
             log.warning("finetune builds its own frozen-bottom cache: %s", why)
-    from_features = meta is not None
     start_rows = read_history(start_history)
     first_epoch = (int(start_rows[-1]["epoch"]) if start_rows else 0) + 1
-    batch = params.batch_size
-    extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
-                             **setup.record()}
     with staged_outputs(outputs) as staged, \
             variant_run(params, "finetune", split, setup,
                         {"backbone": params.backbone}) as run, \
             scratch_dir(outputs.model.with_name(outputs.model.name + "-bottom")) as scratch:
-        cache = bottom_cache if from_features else scratch
-        if parts is not None:
-            started = time.perf_counter()
-            if not from_features:
-                write_bottom_cache(forward, plain, trimmed, splits, scratch,
-                                   views=config.views, seed=params.data.seed)
-            trainable_model = top_model(model, parts[1], setup.strategy)
-            train = views_dataset(cache / "train.npy", splits["train"].labels, batch,
-                                  views=config.views, epochs=config.epochs, seed=params.seed)
-            val = npy_dataset(cache / "val.npy", splits["val"].labels, batch)
-            extra["bottom_cache_seconds"] = round(time.perf_counter() - started, 3)
+        if meta is not None:
+            data = from_features_cache(model, parts, bottom_cache, params, splits,
+                                       setup.strategy)
+        elif parts is not None:
+            data = from_own_cache(model, parts, forward, plain, params, trimmed, splits,
+                                  setup.strategy, scratch)
         else:
-            trainable_model = model
-            train = image_dataset(trimmed, splits["train"], batch, shuffle=True,
-                                  seed=params.seed)
-            val = image_dataset(trimmed, splits["val"], batch)
-        extra["cached_bottom"] = int(parts is not None)
-        extra["bottom_from_features"] = int(from_features)
+            data = from_images(model, params, trimmed, splits)
+        extra: dict[str, Any] = {"unfrozen_layers": unfrozen, "first_epoch": first_epoch,
+                                 **setup.record(), "cached_bottom": int(data.cached),
+                                 "bottom_from_features": int(meta is not None)}
+        if data.cache_seconds is not None:
+            extra["bottom_cache_seconds"] = data.cache_seconds
         run.set_tags({"unfrozen_layers": str(unfrozen), "starts_from": "dropout",
-                      "cached_bottom": str(parts is not None),
-                      "bottom_cache": ("features stage" if from_features else
-                                       "built by finetune" if parts is not None else "none")})
+                      "cached_bottom": str(data.cached), "bottom_cache": data.source})
         history = History()
         if config.epochs:
             with setup.strategy.scope():
-                history = fit(trainable_model, train, val, epochs=config.epochs,
+                history = fit(data.model, data.train, data.val, epochs=config.epochs,
                               learning_rate=hyperrule.finetune_learning_rate(
                                   params.learning_rate, config.lr_scale),
                               optimizer=params.optimizer, lr_schedule=config.lr_schedule,
                               patience=params.patience, num_classes=len(class_names),
-                              batch_size=batch, train_examples=len(splits["train"]),
-                              first_epoch=first_epoch, on_epoch=run.log_epoch,
-                              label_smoothing=config.label_smoothing,
-                              dataset_spans_epochs=parts is not None)
+                              batch_size=params.batch_size,
+                              train_examples=len(splits["train"]), first_epoch=first_epoch,
+                              on_epoch=run.log_epoch, label_smoothing=config.label_smoothing,
+                              dataset_spans_epochs=data.cached)
         # The full image model shares every layer with the trained one: evaluate and log it,
         # from the cached bottom outputs of validation and test where they are the same images.
         probabilities = None
         if meta is not None:
             tta = any(layer.name == "tta" for layer in model.layers)
             if meta.get("tta") == tta:  # the image model mirrors its crop, as the cache does
-                probabilities = cached_probabilities(trainable_model, bottom_cache, tta)
-        what = (f"finetune: the dropout model with its top {config.unfreeze} backbone layers "
-                f"unfrozen ({unfrozen} trainable, BatchNormalization frozen), trained "
-                f"{config.epochs} epochs at learning rate "
-                f"{hyperrule.finetune_learning_rate(params.learning_rate, config.lr_scale):g} "
-                f"({config.lr_schedule} schedule)"
-                + (f" on {config.views} cached augmented views per image" if config.views
-                   and parts is not None else "") + ".")
+                probabilities = cached_probabilities(data.model, bottom_cache, tta)
         return finish_image_model("finetune", model, history, trimmed, splits, class_names,
-                                  run, staged, extra, what,
+                                  run, staged, extra, describe(params, unfrozen, data.cached),
                                   curve_rows=start_rows + history.rows,
                                   probabilities=probabilities,
                                   precision_policy=setup.precision_policy)
