@@ -6,6 +6,7 @@ TensorFlow reloads and that predicts what the pyfunc predicts."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -82,11 +84,24 @@ def test_served_champion_matches_predict(served: dict) -> None:
     assert [max(row, key=row.get) for row in predictions] == top1
     # The same numbers as the pyfunc in Python, on uint8 and float input alike.
     model = load_pyfunc(served)
+    expected = [[row[name] for name in CLASSES] for row in predictions]
     for batch in (pixels, pixels.astype("float32")):
         frame = model.predict(batch)
-        np.testing.assert_allclose(frame[CLASSES].to_numpy(),
-                                   [[row[name] for name in CLASSES] for row in predictions],
-                                   atol=1e-5)
+        np.testing.assert_allclose(frame[CLASSES].to_numpy(), expected, atol=1e-5)
+    # The photos' file bytes, in each of MLflow's JSON forms and as bytes in Python: decoded
+    # inside the model as predict decodes them, the same probabilities.
+    encoded = [base64.b64encode(path.read_bytes()).decode() for path in paths]
+    for form in ({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
+                 {"dataframe_records": [{"image": e} for e in encoded]},
+                 {"inputs": {"image": encoded}}, {"inputs": encoded},
+                 {"instances": [{"image": {"b64": e}} for e in encoded]},
+                 {"instances": [{"b64": e} for e in encoded]}):
+        status, body = post(f"{served['url']}/invocations", json.dumps(form).encode())
+        assert status == 200, (next(iter(form)), body[:500])
+        got = [[row[name] for name in CLASSES] for row in json.loads(body)["predictions"]]
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=str(next(iter(form))))
+    frame = model.predict(pd.DataFrame({"image": [path.read_bytes() for path in paths]}))
+    np.testing.assert_allclose(frame[CLASSES].to_numpy(), expected, atol=1e-5)
 
 
 def test_ping_and_bad_requests_are_4xx_with_a_message(served: dict) -> None:
@@ -104,8 +119,19 @@ def test_ping_and_bad_requests_are_4xx_with_a_message(served: dict) -> None:
         message = json.loads(text).get("message", "")
         assert message, (case, text[:500])
         if case == "wrong shape":
-            assert f"expected images (n, {SIZE}, {SIZE}, 3)" in message, message
+            assert f"or pixels (n, {SIZE}, {SIZE}, 3)" in message, message
             assert f"got an array of shape (2, {SIZE + 1}, {SIZE}, 3)" in message
+    # Bad photos: a 400 that names the row, never a 500.
+    photo = base64.b64encode((served["images"] / "a.jpg").read_bytes()).decode()
+    bad = {"not base64": (["%%%not base64%%%"], "row 0: the image is neither bytes nor base64"),
+           "not an image": ([photo, base64.b64encode(b"hello").decode()],
+                            "row 1: cannot decode the image: not an image"),
+           "truncated": ([photo, photo, photo[:200]], "row 2: cannot decode the image: corrupt")}
+    for case, (rows, expected) in bad.items():
+        status, text = post(f"{served['url']}/invocations",
+                            json.dumps({"inputs": {"image": rows}}).encode())
+        assert status == 400, (case, status, text[:500])
+        assert expected in json.loads(text)["message"], (case, text[:500])
 
 
 def test_the_pyfunc_refuses_bad_input_with_a_clear_error(project: dict) -> None:  # noqa: F811
@@ -116,8 +142,11 @@ def test_the_pyfunc_refuses_bad_input_with_a_clear_error(project: dict) -> None:
     assert model.predict(one).shape == (1, len(CLASSES))  # one image, no batch axis
     with pytest.raises(MlflowException, match=r"got an array of shape \(1, 4, 4, 3\)"):
         model.predict(np.zeros((1, 4, 4, 3), np.uint8))
-    with pytest.raises(MlflowException, match="as numbers"):
+    with pytest.raises(MlflowException, match="got values of type <U1"):
         model.predict(np.array([["a"]]))
+    with pytest.raises(MlflowException, match="row 1: cannot decode the image: no bytes"):
+        model.predict(pd.DataFrame({"image": [(project["images"] / "a.jpg").read_bytes(),
+                                              b""]}))
     with pytest.raises(MlflowException, match="NaN"):
         model.predict(np.full((1, SIZE, SIZE, 3), np.nan, np.float32))
 

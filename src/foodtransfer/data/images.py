@@ -8,6 +8,7 @@ a JPEG again and never hold the dataset in memory.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -30,18 +31,20 @@ class Decoded:
     reason: str | None = None  # why the file was skipped (pixels is None) or a note
 
 
-def decode_image(path: str | os.PathLike[str], size: int) -> Decoded:
-    """Decode any image PIL reads (JPEG, PNG under a .jpg name, CMYK, grayscale, huge) to RGB
-    ``size`` x ``size`` uint8, or say why it cannot be used."""
-    path = Path(path)
+def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
+    """Decode any image PIL reads (JPEG, PNG under a .jpg name, CMYK, grayscale, huge) from a
+    file or from its encoded bytes to RGB ``size`` x ``size`` uint8, or say why it cannot be
+    used."""
+    encoded = isinstance(source, (bytes, bytearray, memoryview))
+    path = None if encoded else Path(source)
     try:
-        if path.stat().st_size == 0:
-            return Decoded(None, "empty file (0 bytes)")
+        if (len(source) if encoded else path.stat().st_size) == 0:
+            return Decoded(None, "empty file (0 bytes)" if path else "no bytes")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(source) if encoded else path) as image:
                 note = None
-                if image.format != "JPEG" and path.suffix.lower() in (".jpg", ".jpeg"):
+                if path and image.format != "JPEG" and path.suffix.lower() in (".jpg", ".jpeg"):
                     note = f"{image.format} data in a {path.suffix} file (decoded anyway)"
                 # JPEG draft mode decodes huge photos at a reduced scale: fast, little memory.
                 image.draft("RGB", (size, size))

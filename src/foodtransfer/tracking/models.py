@@ -1,6 +1,8 @@
 """Logging a trained image classifier to MLflow as a pyfunc model, and that pyfunc itself.
 
-The pyfunc takes raw RGB images as they come from a decoder, ``uint8`` or float (any numeric
+The pyfunc takes encoded photos (a column ``image`` of file bytes: JPEG, PNG, WebP..., MLflow's
+``binary`` type, base64 text in JSON), decoded and resized inside the model exactly as the trim
+stage does; or raw RGB images as they come from a decoder, ``uint8`` or float (any numeric
 dtype), shape ``(n, image_size, image_size, 3)`` or one image ``(image_size, image_size, 3)``,
 pixels in 0..255 (the backbone's preprocessing is inside the Keras model), and returns a
 DataFrame of class probabilities, one column per class name, rows summing to 1. Its signature
@@ -12,6 +14,8 @@ checks every input itself: a bad one is an MLflow "invalid parameter" error (HTT
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -30,12 +34,90 @@ IMAGE_BATCH = 32
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run_id>/model
 
 
-def as_image_batch(model_input: Any, side: int) -> np.ndarray:
-    """``model_input`` as a float32 batch ``(n, side, side, 3)``, or an MLflow invalid-input
-    error that says what was expected and what came."""
+ENCODED_COLUMN = "image"  # the column of encoded images (MLflow type binary)
+
+
+def _encoded_values(model_input: Any) -> list | None:
+    """The encoded images in ``model_input`` (bytes, base64 text, or TF Serving's
+    ``{"b64": text}``), one per row, or None when it holds decoded pixels.
+
+    Accepted: a DataFrame with an ``image`` column or a single column (``dataframe_split``,
+    ``dataframe_records``), a dict with an ``image`` entry (``{"inputs": {"image": [...]}}``,
+    ``{"instances": [{"image": ...}]}``, ``{"instances": [{"b64": ...}]}``) and a 1-D list or array of them (``{"inputs":
+    [...]}``)."""
+    if isinstance(model_input, pd.DataFrame):
+        if ENCODED_COLUMN in model_input.columns:
+            values = model_input[ENCODED_COLUMN]
+        elif len(model_input.columns) == 1:
+            values = model_input.iloc[:, 0]
+        else:
+            return None
+        values = list(values)
+    elif isinstance(model_input, dict):
+        key = next((k for k in (ENCODED_COLUMN, "b64") if k in model_input), None)
+        if key is None or len(model_input) != 1:
+            return None
+        values = list(np.asarray(model_input[key], dtype=object).reshape(-1))
+    elif isinstance(model_input, (list, tuple, np.ndarray)):
+        array = np.asarray(model_input, dtype=object) if not isinstance(
+            model_input, np.ndarray) else model_input
+        if array.ndim != 1 or array.dtype.kind not in "OSU":
+            return None
+        values = list(array)
+    else:
+        return None
+    # MLflow parses {"instances": [{"image": {"b64": ...}}]} into 0-d object arrays.
+    values = [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for v in values]
+    if not values or not all(isinstance(v, (bytes, str, dict)) for v in values):
+        return None
+    return values
+
+
+def _encoded_bytes(value: Any, row: int) -> bytes:
     from mlflow.exceptions import MlflowException
 
-    expected = f"(n, {side}, {side}, 3) or one image ({side}, {side}, 3), RGB pixels 0..255"
+    if isinstance(value, dict):
+        value = value.get("b64")
+    if isinstance(value, bytes):
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (TypeError, ValueError, binascii.Error):
+        raise MlflowException.invalid_parameter_value(
+            f"row {row}: the image is neither bytes nor base64 text "
+            f"(starts {str(value)[:20]!r}); send each photo's file bytes base64-encoded, "
+            f"e.g. base64.b64encode(open('photo.jpg', 'rb').read()).decode()") from None
+
+
+def decode_encoded(values: list, side: int) -> np.ndarray:
+    """Encoded photos (JPEG, PNG, WebP, anything PIL reads) decoded and resized exactly as the
+    trim stage and ``foodtransfer predict`` do; a bad one is an invalid-input error naming its
+    row."""
+    from mlflow.exceptions import MlflowException
+
+    from foodtransfer.data.images import decode_image
+
+    images = np.empty((len(values), side, side, 3), np.uint8)
+    for row, value in enumerate(values):
+        decoded = decode_image(_encoded_bytes(value, row), side)
+        if decoded.pixels is None:
+            raise MlflowException.invalid_parameter_value(
+                f"row {row}: cannot decode the image: {decoded.reason}")
+        images[row] = decoded.pixels
+    return images
+
+
+def as_image_batch(model_input: Any, side: int) -> np.ndarray:
+    """``model_input`` (encoded photos, or decoded pixels) as a float32 batch
+    ``(n, side, side, 3)``, or an MLflow invalid-input error that says what was expected and
+    what came."""
+    from mlflow.exceptions import MlflowException
+
+    encoded = _encoded_values(model_input)
+    if encoded is not None:
+        return decode_encoded(encoded, side).astype("float32")
+    expected = (f"encoded photos (a column '{ENCODED_COLUMN}' of bytes or base64 text), or "
+                f"pixels (n, {side}, {side}, 3) or one image ({side}, {side}, 3), RGB 0..255")
     try:
         images = np.asarray(model_input)
         if images.dtype.kind not in "uif":  # not numbers: strings, objects, ragged lists
@@ -43,12 +125,12 @@ def as_image_batch(model_input: Any, side: int) -> np.ndarray:
         images = images.astype("float32")
     except (TypeError, ValueError) as error:
         raise MlflowException.invalid_parameter_value(
-            f"expected images {expected} as numbers, got {error}") from None
+            f"expected {expected}, got {error}") from None
     if images.ndim == 3:
         images = images[None]
     if images.shape[1:] != (side, side, 3) or not len(images):
         raise MlflowException.invalid_parameter_value(
-            f"expected images {expected}, got an array of shape {images.shape}")
+            f"expected {expected}, got an array of shape {images.shape}")
     if not np.isfinite(images).all():
         raise MlflowException.invalid_parameter_value("the images hold NaN or infinite values")
     return images
@@ -137,7 +219,8 @@ def log_model(model_path: Path, class_names_path: Path, example: Any) -> str:
             pip_requirements=pip_requirements(),
             signature=signature, input_example=np.clip(example, 0, 255).astype("uint8"),
             metadata={"image_size": side, "classes": len(class_names),
-                      "input": f"RGB images, uint8 or float, pixels 0..255: (n, {side}, "
-                               f"{side}, 3) or ({side}, {side}, 3)"},
+                      "input": f"encoded photos (column '{ENCODED_COLUMN}': bytes, base64 "
+                               f"in JSON), or RGB images, uint8 or float, pixels 0..255: "
+                               f"(n, {side}, {side}, 3) or ({side}, {side}, 3)"},
         )
     return info.model_uri
