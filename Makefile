@@ -1,8 +1,10 @@
 # `make repro`: install into .venv and run the whole pipeline (real Food-101; needs internet).
 # `make repro-sample`: the same pipeline offline, on the generated sample.
 # `make seeds`: the comparison over several training seeds (DVC queue), then compare them.
+# `make sweep`: a grid of experiments on a Dask cluster (local by default), then compare them.
 # `make test`: install into .venv and run the test suite (CPU, offline, a few minutes).
 # `make ui`: the MLflow UI on the project's store (http://127.0.0.1:5000; PORT=... to change).
+# `make demo`: the champion in a web page: upload a photo, see its top 5 classes.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +21,7 @@ STAMP := $(VENV)/.installed-$(TF_BUILD)
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro repro-sample seeds test test-fast ui bench bench-gpu clean
+.PHONY: install repro repro-sample seeds sweep test test-fast ui demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	@echo "foodtransfer: TensorFlow for the $(if $(filter 1,$(GPU)),GPU: tensorflow[and-cuda],CPU: tensorflow-cpu) (GPU=$(GPU); make install GPU=0|1 chooses)"
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml
 	  echo "foodtransfer: switching TensorFlow builds: removing the installed one"; \
 	  $(BIN)/python -m pip uninstall --quiet -y tensorflow tensorflow-cpu; \
 	  rm -f $(VENV)/.installed*; fi
-	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_BUILD)]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_BUILD),onnx,demo,sweep]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,9 +60,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# `make sweep SWEEP="-S 'seed=1,2' -S 'dropout=0.3,0.6'"`: one DVC experiment per combination
+# on a Dask cluster (a local one; SCHEDULER=tcp://host:8786 for a real one), then compare.
+SWEEP ?= -S 'seed=1,2' -S 'dropout=0.3,0.6'
+SCHEDULER ?=
+sweep: $(STAMP)
+	$(BIN)/foodtransfer sweep $(SWEEP) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+
 PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/foodtransfer ui --port $(PORT)
+
+# `make demo`: the champion in a web page (Gradio, http://127.0.0.1:7860; DEMO_PORT=... to change).
+DEMO_PORT ?= 7860
+demo: $(STAMP)
+	$(BIN)/foodtransfer demo --port $(DEMO_PORT)
 
 # `make bench`: the side-by-side speed and memory benchmark (bench/benchmark.py, ~45 min on 2 cores).
 bench: $(STAMP)

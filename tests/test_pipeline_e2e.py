@@ -569,6 +569,72 @@ def test_predict_cli_with_the_champion(pipeline, tmp_path):
     assert "foodtransfer predict: error:" in missing.stderr and "Traceback" not in missing.stderr
 
 
+# ------------------------------------------------------------------------- the browser demo
+def screenshot_to(driver, path: Path) -> None:
+    """Save the browser's screenshot to ``path``, and a copy into $FOODTRANSFER_SCREENSHOTS
+    when set (how the docs' screenshots are taken)."""
+    driver.save_screenshot(str(path))
+    if os.environ.get("FOODTRANSFER_SCREENSHOTS"):
+        shutil.copy(path, Path(os.environ["FOODTRANSFER_SCREENSHOTS"]) / path.name)
+
+
+def test_the_demo_classifies_an_uploaded_photo_as_predict_does(pipeline, tmp_path):
+    """`foodtransfer demo` in a real browser: a photo uploaded shows the top class
+    `foodtransfer predict` prints for it; the second tab shows the four variants' comparison
+    and the champion's mistakes."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from conftest import browser, free_port, server_process, wait_until
+    from foodtransfer.data.images import ImageStore
+    from foodtransfer.data.manifests import load_splits
+
+    repo, env = pipeline["repo"], pipeline["env"]
+    test = load_splits(repo / "data" / "split")["test"]
+    rows = [int(np.flatnonzero(test.labels == label)[0]) for label in (0, 2)]
+    photos = []
+    for row in rows:
+        photo = tmp_path / f"photo{row}.jpg"
+        pixels = ImageStore(repo / "data/trimmed/test.npy").read([int(test.indices[row])])[0]
+        Image.fromarray(pixels).resize((64, 64)).save(photo, quality=92)
+        photos.append(photo)
+    script = str(Path(sys.executable).parent / "foodtransfer")
+    printed = json.loads(run([script, "predict", *map(str, photos), "--json", "--top-k", "1"],
+                             repo, env).stdout)
+    expected = [entry["predictions"][0]["class_name"] for entry in printed["images"]]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with server_process([script, "demo", "--port", str(port)], url, cwd=repo, env=env), \
+            browser() as driver:
+        shown = []
+        for photo in photos:  # a fresh page for each photo
+            driver.get(url)
+            upload = wait_until(lambda: driver.find_elements(
+                By.CSS_SELECTOR, "#photo input[type=file]"), what="the upload field")[0]
+            upload.send_keys(str(photo))
+
+            def top_class():
+                found = driver.find_elements(
+                    By.CSS_SELECTOR, "#prediction [data-testid='label-output-value']")
+                return found[0].text.strip() if found else ""
+
+            shown.append(wait_until(top_class, what=f"the top class of {photo.name}"))
+            rows_shown = driver.find_elements(By.CSS_SELECTOR,
+                                              "#prediction [data-testid$='-confidence-set']")
+            assert len(rows_shown) == min(5, len(TINY["data"]["classes"])), len(rows_shown)
+        screenshot_to(driver, tmp_path / "demo.png")
+        assert shown == expected, (shown, expected)
+        driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Comparison')]").click()
+        table = wait_until(lambda: driver.find_element(By.ID, "comparison").text,
+                           what="the comparison")
+        for name in VARIANTS:
+            assert name in table, table[:500]
+        assert "pipeline run" in driver.find_element(By.ID, "report-source").text
+        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#mistakes img"),
+                   what="the champion's mistakes")
+        screenshot_to(driver, tmp_path / "demo-comparison.png")
+
+
 # --------------------------------------------------------------------------- the MLflow UI
 def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
     """`foodtransfer ui` on the project's store, read back as the browser reads it (REST):
@@ -637,7 +703,7 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
             names = wait_until(lambda: set(VARIANTS) <= set(run_names()) and run_names(),
                                what=f"the variant runs {VARIANTS}")
             screenshot = Path(repo) / "ui.png"
-            driver.save_screenshot(str(screenshot))
+            screenshot_to(driver, screenshot)
         assert set(VARIANTS) <= set(names), names
         assert screenshot.stat().st_size > 10_000
 

@@ -176,6 +176,30 @@ def test_export_writes_a_saved_model_that_predicts_like_the_pyfunc(project: dict
     assert sorted(p.name for p in out.iterdir()) == ["1"]
 
 
+def test_onnx_export_runs_in_onnxruntime_like_the_pyfunc(project: dict,  # noqa: F811
+                                                        tmp_path: Path, monkeypatch) -> None:
+    from foodtransfer.serving import onnx_session
+
+    monkeypatch.chdir(project["root"])
+    for name in ENV_KEYS:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(app, ["export", "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "1").iterdir()) == ["classes.json", "model.onnx"]
+    assert json.loads((out / "1" / "classes.json").read_text()) == CLASSES
+    _, pixels = decoded(project)
+    session, input_name = onnx_session(out / "1" / "model.onnx")
+    (exported,) = session.run(None, {input_name: pixels.astype("float32")})
+    expected = load_pyfunc(project).predict(pixels)[CLASSES].to_numpy()
+    assert exported.shape == expected.shape
+    np.testing.assert_allclose(exported, expected, atol=1e-4)
+    assert not np.allclose(expected, expected[0])  # the images get different answers
+    bad = CliRunner().invoke(app, ["export", "--format", "tflite", "--out", str(out)])
+    assert bad.exit_code == 2
+    assert "--format 'tflite' is not one of saved_model, onnx" in bad.output
+
+
 def test_serve_and_export_errors_are_one_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ENV_KEYS:

@@ -5,11 +5,15 @@
 - ``foodtransfer compare [EXPERIMENT...]``: pipeline runs aggregated over seeds and sweeps.
 - ``foodtransfer results SPEC [--run]``: a results page from the MLflow store (a spec in
   docs/results/).
+- ``foodtransfer sweep -S KEY=V1,V2 ...``: a grid of DVC experiments on a Dask cluster, then
+  compare.
 - ``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: move ``@champion`` to that registered
   version, with a paired comparison on validation against the champion it replaces.
 - ``foodtransfer serve [--model-uri URI] [--port 5001]``: the champion over HTTP (MLflow's
   scoring server, localhost).
-- ``foodtransfer export [--out DIR]``: the champion as a TensorFlow SavedModel (TF Serving).
+- ``foodtransfer export [--out DIR] [--format onnx]``: the champion as a TensorFlow SavedModel
+  (TF Serving) or ONNX.
+- ``foodtransfer demo [--port 7860]``: the champion in a web page (Gradio), on localhost.
 - ``foodtransfer ui [--port 5000]``: the MLflow UI on this project's store, on localhost.
 
 Errors a user can fix print one line (``foodtransfer <command>: error: ...``) and exit with
@@ -146,6 +150,50 @@ def results(
 
 
 @app.command()
+def sweep(
+    targets: list[str] = typer.Argument(
+        None, metavar="[TARGET]...", help="Stages to run up to (default: the whole pipeline)."),
+    set_params: list[str] = typer.Option(
+        ..., "-S", "--set-param", metavar="KEY=V1,V2",
+        help="DVC's grid syntax: one experiment per combination (repeatable)."),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", metavar="ADDRESS",
+        help="A Dask scheduler (tcp://host:8786; env FOODTRANSFER_SCHEDULER). Default: a "
+             "local cluster, one worker per GPU (or one)."),
+    workers: int | None = typer.Option(None, "--workers", min=1,
+                                       help="Workers of the local cluster."),
+    git_remote: str | None = typer.Option(
+        None, "--git-remote", help="Where workers clone and push (default: origin)."),
+    dvc_remote: str | None = typer.Option(
+        None, "--dvc-remote", help="Where workers pull and push data (default: DVC's default "
+                                   "remote)."),
+    out: Path = typer.Option(Path("reports"), "--out",
+                             help="Where compare writes experiments.md, .csv and .png."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the MLflow experiment to compare is read."),
+) -> None:
+    """Run a grid of DVC experiments on a Dask cluster's workers, then compare them."""
+    with _user_errors("sweep"):
+        from foodtransfer.compare import compare as compare_runs
+        from foodtransfer.sweep import sweep as run_sweep
+
+        outcome = run_sweep(list(set_params), Path.cwd(), scheduler=scheduler, workers=workers,
+                            targets=list(targets or []), git_remote=git_remote,
+                            dvc_remote=dvc_remote, echo=typer.echo)
+        if outcome.done:
+            name = _params_or_defaults(params).mlflow.experiment
+            summary = compare_runs([item["name"] for item in outcome.done], name, out)
+            typer.echo(f"compare: {summary}")
+            table = (out / "experiments.md").read_text()
+            typer.echo(table[table.find("| "):].split("\n\n")[0])
+    if outcome.failed:
+        typer.secho(f"foodtransfer sweep: {len(outcome.failed)} of "
+                    f"{len(outcome.failed) + len(outcome.done)} experiments failed: "
+                    f"{', '.join(outcome.failed)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+@app.command()
 def promote(
     reference: str = typer.Argument(..., metavar="VERSION|RUN_ID|EXP_NAME",
                                     help="A registered version number, the MLflow run id it "
@@ -188,21 +236,49 @@ def serve(
 
 
 @app.command()
+def demo(
+    model_uri: str | None = typer.Option(
+        None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port on 127.0.0.1."),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="Where the default model's registry name is read."),
+) -> None:
+    """A web page for the champion (Gradio, on localhost): upload a photo, see its top 5
+    classes; the comparison of the variants and the champion's most confident mistakes."""
+    prepare_tensorflow()
+    host = "127.0.0.1"
+    with _user_errors("demo"):
+        from foodtransfer.demo import run as run_demo
+
+        uri = model_uri or _default_model_uri(params)
+        if not _port_free(host, port):
+            raise UserError(f"port {port} on {host} is in use: pass --port {port + 1}.")
+        run_demo(uri, port, Path.cwd(), echo=typer.echo)
+
+
+@app.command()
 def export(
     out: Path = typer.Option(Path("models/export/food101"), "--out",
-                             help="Model folder for TF Serving: the version goes in a subfolder."),
+                             help="Model folder: the version goes in a subfolder."),
+    fmt: str = typer.Option("saved_model", "--format",
+                            help="saved_model (TF Serving) or onnx (onnxruntime and others)."),
     model_uri: str | None = typer.Option(
         None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the default model's registry name is read."),
 ) -> None:
-    """Write the champion as a TensorFlow SavedModel that TF Serving loads."""
+    """Write the champion as a TensorFlow SavedModel that TF Serving loads, or as ONNX."""
     prepare_tensorflow()
     with _user_errors("export"):
-        from foodtransfer.serving import export_saved_model, tf_serving_hint
+        from foodtransfer.serving import export_model, tf_serving_hint
 
         uri = model_uri or _default_model_uri(params)
-        target = export_saved_model(uri, out)
+        target = export_model(uri, out, fmt)
+    if fmt == "onnx":
+        typer.echo(f"exported {uri} to {target / 'model.onnx'} (input float32 images "
+                   "(n, size, size, 3), pixels 0..255 -> class probabilities; class names in "
+                   f"{target / 'classes.json'})")
+        return
     typer.echo(f"exported {uri} to {target} (signature 'serve': float32 images "
                "(n, size, size, 3), pixels 0..255 -> class probabilities; class names in "
                "assets.extra/classes.json)")

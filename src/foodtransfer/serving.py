@@ -1,5 +1,5 @@
 """The champion beyond Python: ``foodtransfer serve`` (MLflow's scoring server over HTTP) and
-``foodtransfer export`` (a TensorFlow SavedModel for TF Serving).
+``foodtransfer export`` (a TensorFlow SavedModel for TF Serving, or ONNX).
 
 The served model is the logged pyfunc: POST ``/invocations`` with ``{"inputs": images}``
 (a nested list ``(n, image_size, image_size, 3)`` of RGB pixels 0..255) returns
@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from foodtransfer.errors import UserError
 from foodtransfer.predict import ModelLoadError, check_store, input_size
 from foodtransfer.tracking import store
 
@@ -69,17 +70,34 @@ def logged_keras_model(model_uri: str) -> tuple[Path, Path]:
         raise _unreadable(model_uri, error) from error
 
 
-def export_saved_model(model_uri: str, out: Path) -> Path:
-    """Write the Keras model inside the pyfunc ``model_uri`` as a TensorFlow SavedModel
-    (Keras ``model.export``: a ``serve`` signature from float32 images 0..255 to class
-    probabilities) into ``out/<version>/`` (the registry version, or 1), with the class names
-    in ``assets.extra/classes.json``, atomically. Returns that folder."""
+FORMATS = ("saved_model", "onnx")
+
+
+class ExportError(UserError):
+    """An export the installed packages cannot write."""
+
+
+def export_model(model_uri: str, out: Path, fmt: str = "saved_model") -> Path:
+    """Write the Keras model inside the pyfunc ``model_uri`` into ``out/<version>/`` (the
+    registry version, or 1), atomically, with the class names beside it:
+
+    - ``saved_model``: a TensorFlow SavedModel (Keras ``model.export``: a ``serve`` signature
+      from float32 images 0..255 to class probabilities), class names in
+      ``assets.extra/classes.json``, as TF Serving expects;
+    - ``onnx``: ``model.onnx`` (Keras ``model.export`` through tf2onnx; input float32 images
+      ``(n, size, size, 3)`` 0..255, output class probabilities) and ``classes.json``.
+
+    Returns that folder."""
     import keras
     import mlflow
 
     import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
     from foodtransfer.atomic import atomic_dir
 
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
+    if fmt == "onnx":
+        _check_onnx_installed()
     keras_path, class_names_path = logged_keras_model(model_uri)
     try:
         class_names = json.loads(class_names_path.read_text())
@@ -89,10 +107,35 @@ def export_saved_model(model_uri: str, out: Path) -> Path:
     model = keras.saving.load_model(keras_path, compile=False)
     target = out / version
     with atomic_dir(target) as tmp:
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
-        (tmp / "assets.extra").mkdir(exist_ok=True)
-        (tmp / "assets.extra" / "classes.json").write_text(json.dumps(class_names) + "\n")
+        if fmt == "saved_model":
+            model.export(str(tmp), format="tf_saved_model", verbose=False)
+            (tmp / "assets.extra").mkdir(exist_ok=True)
+            (tmp / "assets.extra" / "classes.json").write_text(json.dumps(class_names) + "\n")
+        else:
+            # A loaded model has never been called: Keras' ONNX export needs the input spec.
+            spec = keras.InputSpec(shape=(None, *model.input_shape[1:]), dtype="float32")
+            model.export(str(tmp / "model.onnx"), format="onnx", input_signature=[spec],
+                         verbose=False)
+            (tmp / "classes.json").write_text(json.dumps(class_names) + "\n")
     return target
+
+
+def _check_onnx_installed() -> None:
+    import importlib.util
+
+    missing = [name for name in ("tf2onnx", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"the ONNX export needs {' and '.join(missing)}: pip install "
+                          "'foodtransfer[onnx]' (make install includes it).")
+
+
+def onnx_session(model_file: Path):
+    """An onnxruntime session on ``model_file`` (CPU), and its input's name."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model_file),
+                                           providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name
 
 
 def tf_serving_hint(out: Path, name: str = "food101") -> str:
