@@ -30,6 +30,7 @@ RUN_KIND_TAG = "run_kind"  # "variant" or "pipeline"
 PIPELINE_TAG = "pipeline_run_id"  # on a variant run: the pipeline run it belongs to
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
 NOTE_TAG = "mlflow.note.content"  # MLflow's UI shows this tag as the run's description
+WORKER_ENV = "FOODTRANSFER_WORKER"  # the sweep worker that ran this execution (tag worker)
 
 
 def git_commit(root: Path) -> str | None:
@@ -176,6 +177,8 @@ def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
         all_tags["git_commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get(WORKER_ENV):  # set by `foodtransfer sweep` on the engine's workers
+        all_tags["worker"] = os.environ[WORKER_ENV]
     all_tags.update(tags)
     run = retry_on_lock(mlflow.start_run)(
         run_name=name, tags=all_tags,
