@@ -69,12 +69,13 @@ class DaskCluster:
 
 
 def processing(address: str) -> dict[str, list[str]]:
-    """What each worker (by name) is running now, as the scheduler says."""
+    """What each worker (by name) is executing now."""
     from distributed import Client
 
+    from foodtransfer.sweep import executing
+
     with Client(address, timeout="10s") as client:
-        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-        return {names.get(a, a): list(keys) for a, keys in client.processing().items()}
+        return executing(client)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_a_grid_lands_once_each_though_a_worker_dies_mid_task(cluster) -> None:
     names = sorted(set(re.findall(r"sweep: done (sweep-\w+-\d)", output)))
     assert len(names) == 4, output
     # The experiment w2 died in was done again, on w1, and only once.
-    assert re.search(rf"sweep: done {second} \(.*\) on w1 ", output), (second, output)
+    assert re.search(rf"sweep: done {second} \(.*\) on worker w1 ", output), (second, output)
     assert all(output.count(f"sweep: done {name} ") == 1 for name in names), output
     # Upstream (data, features) was computed once by the driver, never by a task.
     assert "sweep: computing download, trim, split, features once" in output

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -180,9 +181,11 @@ def sweep(
         outcome = run_sweep(list(set_params), Path.cwd(), scheduler=scheduler, workers=workers,
                             targets=list(targets or []), git_remote=git_remote,
                             dvc_remote=dvc_remote, echo=typer.echo)
-        if outcome.done:
+        compared = [item["pipeline_run"] for item in outcome.done if item["pipeline_run"]]
+        if compared:
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             name = _params_or_defaults(params).mlflow.experiment
-            summary = compare_runs([item["name"] for item in outcome.done], name, out)
+            summary = compare_runs(sorted(set(compared)), name, out)
             typer.echo(f"compare: {summary}")
             table = (out / "experiments.md").read_text()
             typer.echo(table[table.find("| "):].split("\n\n")[0])

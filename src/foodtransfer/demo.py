@@ -95,7 +95,7 @@ def build(model_uri: str, project: Path, scratch: Path):
         with gr.Tab("Classify a photo"):
             with gr.Row():
                 photo = gr.Image(type="filepath", label="A food photo (upload or drop)",
-                                 sources=["upload"], elem_id="photo")
+                                 sources=["upload"], height=320, elem_id="photo")
                 label = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K} classes",
                                  elem_id="prediction")
             photo.change(classify, inputs=photo, outputs=label)

@@ -199,12 +199,17 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
         output = step(["dvc", "exp", "run", *([] if plan["shared_cache"] else ["--pull"]),
                        "-n", name, *[arg for item in overrides for arg in ("-S", item)],
                        *plan["targets"]], "dvc exp run")
+        report = clone / "reports" / "comparison.md"
+        found = re.search(r"pipeline run `([0-9a-f]{32})`",
+                          report.read_text()) if report.is_file() else None
         step(["dvc", "exp", "push", "--force", *(["--no-cache"] if plan["shared_cache"] else
                                                    ["--run-cache"]),
               "origin", name], "dvc exp push")
     return {"name": name, "worker": worker, "started": started,
             "seconds": time.time() - started,
-            "ran": list(dict.fromkeys(re.findall(r"Running stage '([\w-]+)'", output)))}
+            "ran": list(dict.fromkeys(re.findall(r"Running stage '([\w-]+)'", output))),
+            # The pipeline run of its results: its own, or the one DVC reused them from.
+            "pipeline_run": found.group(1) if found else None}
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -259,6 +264,7 @@ def fan_out(client, plan: Plan, grid: list[Trial], echo: Callable[[str], None],
     resources = _gpu_resources(client)
     futures = {client.submit(run_trial, asdict(plan), asdict(trial), key=f"{trial.name}",
                              pure=False, resources=resources): trial for trial in grid}
+    names = {trial.name for trial in grid}
     done: list[dict[str, Any]] = []
     failed: list[str] = []
     seen: set[str] = set()
@@ -271,18 +277,17 @@ def fan_out(client, plan: Plan, grid: list[Trial], echo: Callable[[str], None],
             if future.status == "finished":
                 result = future.result()
                 done.append(result)
-                echo(f"sweep: done {trial.name} ({trial.label()}) on {result['worker']} in "
+                echo(f"sweep: done {trial.name} ({trial.label()}) on worker {result['worker']} in "
                      f"{result['seconds']:.0f} s: ran {', '.join(result['ran']) or 'nothing'}")
             else:
                 error = future.exception() if future.status == "error" else "cancelled"
                 failed.append(trial.name)
                 echo(f"sweep: FAILED {trial.name} ({trial.label()}): {error}")
-        running = {key: worker for worker, keys in client.processing().items()
-                   for key in keys}
+        running = {key: worker for worker, keys in executing(client).items()
+                   for key in keys if key in names}
         line = (f"sweep: {len(done)} done, {len(running)} running"
-                + (" (" + ", ".join(f"{k} on {_short_worker(client, w)}"
-                                    for k, w in sorted(running.items())) + ")"
-                   if running else "")
+                + (" (" + ", ".join(f"{k} on worker {w}" for k, w in sorted(running.items()))
+                   + ")" if running else "")
                 + f", {len(futures) - len(seen) - len(running)} waiting, {len(failed)} failed")
         if line != last:
             echo(line)
@@ -292,9 +297,20 @@ def fan_out(client, plan: Plan, grid: list[Trial], echo: Callable[[str], None],
     return Outcome(done, failed)
 
 
-def _short_worker(client, address: str) -> str:
-    info = client.scheduler_info().get("workers", {}).get(address, {})
-    return str(info.get("name", address))
+def _executing_here(dask_worker) -> list[str]:
+    return [str(task.key) for task in dask_worker.state.executing]
+
+
+def executing(client) -> dict[str, list[str]]:
+    """The tasks each worker (by name) is executing now (not those queued for it)."""
+    try:
+        by_address = client.run(_executing_here, on_error="return")
+    except (OSError, TimeoutError):
+        return {}
+    names = {address: str(info.get("name", address))
+             for address, info in client.scheduler_info().get("workers", {}).items()}
+    return {names.get(address, address): keys for address, keys in by_address.items()
+            if isinstance(keys, list)}
 
 
 def sweep(sets: list[str], project: Path, *, scheduler: str | None = None,
