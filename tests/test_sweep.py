@@ -26,7 +26,9 @@ from test_team import TrackingServer, client_for, git
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-GRID = ["-S", "seed=1,2", "-S", "dropout=0.3,0.6"]
+# The head's params: the driver computes data, features, baseline and transfer once, and each
+# experiment runs dropout, finetune and the report (a seed grid would re-run every stage).
+GRID = ["-S", "dropout=0.3,0.6", "-S", "l2=0.0001,0.001"]
 
 
 class DaskCluster:
@@ -161,10 +163,11 @@ def test_a_grid_lands_once_each_though_a_worker_dies_mid_task(cluster) -> None:
     # The experiment w2 died in was done again, on w1, and only once.
     assert re.search(rf"sweep: done {second} \(.*\) on worker w1 ", output), (second, output)
     assert all(output.count(f"sweep: done {name} ") == 1 for name in names), output
-    # Upstream (data, features) was computed once by the driver, never by a task.
-    assert "sweep: computing download, trim, split, features once" in output
+    # What no swept param reaches was computed once by the driver, never by a task.
+    assert "sweep: computing download, trim, split, features, baseline, transfer once" \
+        in output, output
     for line in re.findall(r"sweep: done .*", output):
-        assert "features" not in line.split(": ran ", 1)[1], line
+        assert line.split(": ran ", 1)[1] == "dropout, finetune, report", line
     # Four experiments in the Git remote, fetched into the project, each once.
     refs = run(["git", "ls-remote", str(cluster["origin"]), "refs/exps/*"], repo, env).stdout
     assert sorted(re.findall(r"/(sweep-\w+-\d)$", refs, re.M)) == names, refs
@@ -180,6 +183,8 @@ def test_a_grid_lands_once_each_though_a_worker_dies_mid_task(cluster) -> None:
     by_name = [run.data.tags.get("dvc_exp_name") for run in pipelines]
     assert sorted(by_name) == names, by_name
     assert {run.data.tags["worker"] for run in pipelines} == {"w1", "w2"}
-    # compare over the sweep: two configurations (dropout) of two seeds each.
-    assert "compare: compared 4 pipeline runs in 2 configurations (swept: dropout)" in output
-    assert "| finetune |" in output or "finetune" in output.split("compare:")[1]
+    # compare over the sweep: four configurations, its table printed.
+    assert re.search(r"compare: compared 4 pipeline runs in 4 configurations \(swept: "
+                     r"(dropout, l2|l2, dropout)\)", output), output
+    table = output.split("compare: ", 1)[1]
+    assert len(re.findall(r"^\| .* \| finetune \| 1 \|", table, re.M)) == 4, table

@@ -7,9 +7,10 @@ declare GPUs, its dashboard); this module writes no scheduler. A task:
 
 1. clones the project's Git remote at the sweep's commit (pushed there by the driver under
    ``refs/foodtransfer/sweeps/<id>``) into a temporary folder on the worker;
-2. runs ``dvc exp run --pull -n <name> -S ...``: what an earlier run computed (the data and the
-   features, which the driver computes once before the fan-out and pushes with DVC's run cache)
-   comes from the DVC remote instead of being computed again;
+2. runs ``dvc exp run --pull -n <name> -S ...``: what an earlier run computed (the stages no
+   swept param reaches, such as the data and the features, which the driver computes once
+   before the fan-out and pushes with DVC's run cache) comes from the DVC remote instead of
+   being computed again;
 3. logs to the shared MLflow tracking server (tag ``worker``: the Dask worker);
 4. pushes the experiment (``dvc exp push``) to the Git remote and its outputs to the DVC remote.
 
@@ -43,8 +44,6 @@ SCHEDULER_ENV = "FOODTRANSFER_SCHEDULER"
 SWEEP_REFS = "refs/foodtransfer/sweeps"
 LAST_LINES = 15
 CONNECT_TIMEOUT_S = 10
-# The stages a sweep computes once before the fan-out, when no swept param reaches them.
-UPSTREAM = ("download", "trim", "split", "features")
 
 
 class SweepError(UserError):
@@ -75,6 +74,10 @@ class Plan:
     dvc_remote: str | None = None  # None: the clones share the project's DVC cache
     shared_cache: str | None = None
     targets: list[str] = field(default_factory=list)
+    # dvc.lock and the uncached outputs (metrics files) of the stages computed before the
+    # fan-out, written into each clone: DVC's run cache cannot restore a stage with an
+    # uncached output, its lock entry can.
+    overlay: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------- the grid
@@ -124,27 +127,71 @@ def default_dvc_remote(project: Path) -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def upstream_targets(project: Path, swept: set[str]) -> list[str]:
-    """The stages of :data:`UPSTREAM` in dvc.yaml that read none of the swept params."""
+def _params_read(stage: dict) -> list[str]:
+    """The params.yaml keys a dvc.yaml stage lists ("*": the whole file)."""
+    read: list[str] = []
+    for entry in stage.get("params", []):
+        if isinstance(entry, dict):
+            for keys in entry.values():
+                read += list(keys or ["*"])
+        else:
+            read.append(entry)
+    return read
+
+
+def shared_stages(project: Path, swept: set[str]) -> list[str]:
+    """The stages of dvc.yaml that neither read a swept param nor depend on a stage that does:
+    every experiment of the sweep has the same outputs there, computed once."""
     import yaml
 
     stages = yaml.safe_load((project / "dvc.yaml").read_text()).get("stages", {})
-    chosen = []
-    for name in UPSTREAM:
-        if name not in stages:
-            continue
-        read: list[str] = []
-        for entry in stages[name].get("params", []):
-            if isinstance(entry, dict):
-                for keys in entry.values():
-                    read += list(keys or ["*"])
-            else:
-                read.append(entry)
-        if any(key == "*" or key == s or s.startswith(key + ".") or key.startswith(s + ".")
-               for key in read for s in swept):
-            break  # this stage and the ones after it depend on a swept param
-        chosen.append(name)
-    return chosen
+    producer = {str(out if isinstance(out, str) else next(iter(out))): name
+                for name, stage in stages.items() for out in stage.get("outs", [])}
+
+    def upstream(stage: dict) -> set[str]:
+        found = set()
+        for dep in stage.get("deps", []):
+            for out, name in producer.items():
+                if dep == out or dep.startswith(out.rstrip("/") + "/"):
+                    found.add(name)
+        return found
+
+    def reads_swept(name: str) -> bool:
+        return any(key == "*" or key == s or s.startswith(key + ".") or key.startswith(s + ".")
+                   for key in _params_read(stages[name]) for s in swept)
+
+    varies: dict[str, bool] = {}
+
+    def depends_on_sweep(name: str) -> bool:
+        if name not in varies:
+            varies[name] = True  # a cycle is not a DAG: treat as varying
+            varies[name] = reads_swept(name) or any(map(depends_on_sweep,
+                                                        upstream(stages[name])))
+        return varies[name]
+
+    return [name for name in stages if not depends_on_sweep(name)]
+
+
+def uncached_outputs(project: Path, names: list[str]) -> list[str]:
+    """The outputs, metrics and plots declared ``cache: false`` of the stages ``names``."""
+    import yaml
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text()).get("stages", {})
+    found = []
+    for name in names:
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stages[name].get(kind, []):
+                if isinstance(entry, dict):
+                    for path, options in entry.items():
+                        if (options or {}).get("cache") is False:
+                            found.append(path)
+    return found
+
+
+def overlay_files(project: Path, names: list[str]) -> dict[str, str]:
+    paths = ["dvc.lock", *uncached_outputs(project, names)]
+    return {path: (project / path).read_text() for path in paths
+            if (project / path).is_file()}
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -186,6 +233,10 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
              "git clone")
         step(["git", "fetch", "--quiet", "origin", plan["sweep_ref"]], "git fetch")
         step(["git", "checkout", "--quiet", "--detach", plan["commit"]], "git checkout")
+        for relative, text in plan["overlay"].items():
+            target = clone / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
         if (clone / "src" / "foodtransfer").is_dir():  # the stages run the sweep's code
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(clone / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -348,18 +399,18 @@ def sweep(sets: list[str], project: Path, *, scheduler: str | None = None,
         echo(f"sweep: {len(grid)} experiments on {scheduler or 'a local Dask cluster'} "
              f"(workers: {names or 'none yet'}; dashboard {client.dashboard_link})")
         swept = {item.split("=", 1)[0] for item in sets}
-        upstream = upstream_targets(project, swept)
+        upstream = shared_stages(project, swept)
         if upstream:
             echo(f"sweep: computing {', '.join(upstream)} once, before the fan-out")
             _checked(["dvc", "repro", *upstream], project)
         if dvc_remote:
-            echo(f"sweep: pushing the data, the features and the run cache to {dvc_remote}")
+            echo(f"sweep: pushing their outputs and the run cache to {dvc_remote}")
             _checked(["dvc", "push", "--run-cache", "-r", _remote_name(project, dvc_remote)],
                      project)
         sweep_ref = f"{SWEEP_REFS}/{sweep_id}"
         _git(project, "push", "--quiet", git_remote, f"{commit}:{sweep_ref}")
         plan = Plan(commit, sweep_ref, git_remote, uri, dvc_remote, shared_cache,
-                    list(targets or []))
+                    list(targets or []), overlay_files(project, upstream))
         outcome = fan_out(client, plan, grid, echo)
     finally:
         client.close()
