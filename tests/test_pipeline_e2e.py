@@ -702,7 +702,7 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
                 expander.click()
             names = wait_until(lambda: set(VARIANTS) <= set(run_names()) and run_names(),
                                what=f"the variant runs {VARIANTS}")
-            screenshot = Path(repo) / "ui.png"
+            screenshot = Path(repo) / "ui-runs.png"
             screenshot_to(driver, screenshot)
         assert set(VARIANTS) <= set(names), names
         assert screenshot.stat().st_size > 10_000

@@ -6,19 +6,26 @@ A: runs the pipeline against the server, pushes (git and DVC), runs and pushes a
 B: clones, `dvc pull`s the same outputs (nothing to re-run), pulls the experiment.
 C: clones and runs `dvc exp run --pull`: upstream outputs come from the remote, not recomputed;
    its report looks up the reused variants' runs (their ids in pulled artifacts) on the server.
+Then `foodtransfer sweep` from A on a real Dask cluster: a scheduler and two worker processes
+(two "machines"): a 2 x 2 grid lands as four DVC experiments and four pipeline runs, compare
+aggregates them, though one worker is killed (with everything it started) in the middle of a
+task; an unreachable scheduler is one clear line, exit code 2, nothing half-done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import free_port, start_server, stop_process_group
@@ -215,6 +222,155 @@ def test_exp_run_pull_fetches_upstream_outputs_instead_of_recomputing(team) -> N
     text = (c / "reports" / "comparison.md").read_text()
     baseline_run = json.loads((c / "artifacts/baseline/mlflow_run.json").read_text())["run_id"]
     assert f"`{baseline_run}` (reused from pipeline run" in text
+
+
+# --------------------------------------------------------- foodtransfer sweep on a Dask cluster
+# On A's project: its pipeline ran and was pushed, so the sweep's shared stages are in dvc.lock.
+GRID = ["-S", "dropout=0.3,0.6", "-S", "l2=0.0001,0.001"]  # each experiment: the head onwards
+
+
+class DaskCluster:
+    """`dask scheduler` and named `dask worker` processes (no nanny: a killed worker stays
+    dead, as a machine that died), each in its own session, stopped at the end."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env = folder, env
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, workers: list[str]) -> None:
+        http = free_port()
+        self.processes["scheduler"] = start_server(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+             "--dashboard-address", f"127.0.0.1:{http}", "--no-show"],
+            f"http://127.0.0.1:{http}/health", self.folder / "scheduler.log", env=self.env,
+            cwd=self.folder)
+        for name in workers:
+            http = free_port()
+            self.processes[name] = start_server(
+                [str(BIN / "dask"), "worker", self.address, "--name", name, "--nthreads", "1",
+                 "--no-nanny", "--host", "127.0.0.1", "--dashboard-address",
+                 f"127.0.0.1:{http}"],
+                f"http://127.0.0.1:{http}/health", self.folder / f"{name}.log", env=self.env,
+                cwd=self.folder)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the worker and every process it started: the machine is gone."""
+        process = psutil.Process(self.processes[name].pid)
+        family = [process, *process.children(recursive=True)]
+        for member in family:
+            member.kill()
+        psutil.wait_procs(family, timeout=30)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            stop_process_group(process)
+
+
+def processing(address: str) -> dict[str, list[str]]:
+    """What each worker (by name) is executing now."""
+    from distributed import Client
+
+    from foodtransfer.sweep import executing
+
+    with Client(address, timeout="10s") as client:
+        return executing(client)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(team) -> Iterator[DaskCluster]:
+    """Two "machines" for `foodtransfer sweep`: a scheduler and the workers w1 and w2."""
+    cluster = DaskCluster(team["root"], team["env"])
+    try:
+        cluster.start(["w1", "w2"])
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_an_unreachable_scheduler_is_one_line_and_leaves_nothing(team) -> None:
+    repo, env, origin = team["a"], team["env"], team["root"] / "origin.git"
+    lock_before = (repo / "dvc.lock").read_bytes() if (repo / "dvc.lock").exists() else None
+    started = time.monotonic()
+    result = subprocess.run([str(BIN / "foodtransfer"), "sweep", *GRID, "--scheduler",
+                             f"tcp://127.0.0.1:{free_port()}"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "foodtransfer sweep: error: cannot reach the Dask scheduler at tcp://127.0.0.1:" \
+        in result.stderr and "leave out --scheduler" in result.stderr
+    assert time.monotonic() - started < 60
+    refs = run(["git", "ls-remote", str(origin)], repo, env).stdout
+    assert "refs/foodtransfer" not in refs and "refs/exps" not in refs, refs
+    assert ((repo / "dvc.lock").read_bytes() if (repo / "dvc.lock").exists() else None) \
+        == lock_before
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout == ""
+
+
+def test_a_grid_lands_once_each_though_a_worker_dies_mid_task(team, dask_cluster) -> None:
+    repo, env, dask = team["a"], team["env"], dask_cluster
+    with tempfile.TemporaryFile("w+") as log:
+        driver = subprocess.Popen(
+            [str(BIN / "foodtransfer"), "sweep", *GRID, "--scheduler", dask.address],
+            cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        try:
+            # Wait until w2 has finished one experiment and is 15 s into the next: kill it.
+            deadline = time.monotonic() + 1500
+            first = second = None
+            while time.monotonic() < deadline and driver.poll() is None:
+                running = processing(dask.address).get("w2", [])
+                if running and first is None:
+                    first = running[0]
+                elif running and running[0] != first and second is None:
+                    second, seen_at = running[0], time.monotonic()
+                if second is not None and time.monotonic() - seen_at > 15:
+                    if processing(dask.address).get("w2") == [second]:
+                        dask.kill("w2")
+                        break
+                time.sleep(1)
+            assert second is not None, "w2 never took a second experiment"
+            driver.wait(timeout=1500)
+        finally:
+            if driver.poll() is None:
+                stop_process_group(driver)
+            log.seek(0)
+            output = log.read()
+    assert driver.returncode == 0, output
+    names = sorted(set(re.findall(r"sweep: done (sweep-\w+-\d)", output)))
+    assert len(names) == 4, output
+    # The experiment w2 died in was done again, on w1, and only once.
+    assert re.search(rf"sweep: done {second} \(.*\) on worker w1 ", output), (second, output)
+    assert all(output.count(f"sweep: done {name} ") == 1 for name in names), output
+    # What no swept param reaches was computed once by the driver, never by a task.
+    assert "sweep: computing download, trim, split, features, baseline, transfer once" \
+        in output, output
+    for line in re.findall(r"sweep: done .*", output):
+        assert line.split(": ran ", 1)[1] == "dropout, finetune, report", line
+    # Four experiments in the Git remote, fetched into the project, each once.
+    refs = run(["git", "ls-remote", str(team["root"] / "origin.git"), "refs/exps/*"], repo,
+               env).stdout
+    assert sorted(re.findall(r"/(sweep-\w+-\d)$", refs, re.M)) == names, refs
+    listed = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    shown = {exp.get("name") for entry in listed for exp in entry.get("experiments") or []}
+    assert set(names) <= shown, shown
+    # Four finished pipeline runs in MLflow, one per experiment, tagged with their worker.
+    client = client_for(team["server"])
+    experiment = client.get_experiment_by_name(TINY["mlflow"]["experiment"])
+    pipelines = client.search_runs([experiment.experiment_id],
+                                   "tags.run_kind = 'pipeline' and attributes.status = "
+                                   "'FINISHED'")
+    by_name = [run.data.tags.get("dvc_exp_name") for run in pipelines
+               if run.data.tags.get("dvc_exp_name", "").startswith("sweep-")]
+    assert sorted(by_name) == names, by_name
+    assert {run.data.tags["worker"] for run in pipelines if "worker" in run.data.tags} \
+        == {"w1", "w2"}
+    # compare over the sweep: four configurations, its table printed.
+    assert re.search(r"compare: compared 4 pipeline runs in 4 configurations \(swept: "
+                     r"(dropout, l2|l2, dropout)\)", output), output
+    table = output.split("compare: ", 1)[1]
+    assert len(re.findall(r"^\| .* \| finetune \| 1 \|", table, re.M)) == 4, table
 
 
 # ------------------------------------------------------------- the server stopped mid-stage

@@ -77,7 +77,7 @@ class Plan:
     # dvc.lock and the uncached outputs (metrics files) of the stages computed before the
     # fan-out, written into each clone: DVC's run cache cannot restore a stage with an
     # uncached output, its lock entry can.
-    overlay: dict[str, str] = field(default_factory=dict)
+    overlay: dict[str, bytes] = field(default_factory=dict)  # bytes: CSVs end lines in \r\n
 
 
 # ------------------------------------------------------------------------------- the grid
@@ -188,9 +188,9 @@ def uncached_outputs(project: Path, names: list[str]) -> list[str]:
     return found
 
 
-def overlay_files(project: Path, names: list[str]) -> dict[str, str]:
+def overlay_files(project: Path, names: list[str]) -> dict[str, bytes]:
     paths = ["dvc.lock", *uncached_outputs(project, names)]
-    return {path: (project / path).read_text() for path in paths
+    return {path: (project / path).read_bytes() for path in paths
             if (project / path).is_file()}
 
 
@@ -233,10 +233,10 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
              "git clone")
         step(["git", "fetch", "--quiet", "origin", plan["sweep_ref"]], "git fetch")
         step(["git", "checkout", "--quiet", "--detach", plan["commit"]], "git checkout")
-        for relative, text in plan["overlay"].items():
+        for relative, content in plan["overlay"].items():
             target = clone / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            target.write_bytes(content)
         if (clone / "src" / "foodtransfer").is_dir():  # the stages run the sweep's code
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(clone / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
