@@ -292,6 +292,7 @@ def dask_cluster(team) -> Iterator[DaskCluster]:
 def test_an_unreachable_scheduler_is_one_line_and_leaves_nothing(team) -> None:
     repo, env, origin = team["a"], team["env"], team["root"] / "origin.git"
     lock_before = (repo / "dvc.lock").read_bytes() if (repo / "dvc.lock").exists() else None
+    refs_before = run(["git", "ls-remote", str(origin)], repo, env).stdout
     started = time.monotonic()
     result = subprocess.run([str(BIN / "foodtransfer"), "sweep", *GRID, "--scheduler",
                              f"tcp://127.0.0.1:{free_port()}"], cwd=repo, env=env,
@@ -301,11 +302,27 @@ def test_an_unreachable_scheduler_is_one_line_and_leaves_nothing(team) -> None:
     assert "foodtransfer sweep: error: cannot reach the Dask scheduler at tcp://127.0.0.1:" \
         in result.stderr and "leave out --scheduler" in result.stderr
     assert time.monotonic() - started < 60
-    refs = run(["git", "ls-remote", str(origin)], repo, env).stdout
-    assert "refs/foodtransfer" not in refs and "refs/exps" not in refs, refs
+    assert run(["git", "ls-remote", str(origin)], repo, env).stdout == refs_before
     assert ((repo / "dvc.lock").read_bytes() if (repo / "dvc.lock").exists() else None) \
         == lock_before
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout == ""
+
+
+def test_a_failed_experiment_reports_its_last_lines(team, dask_cluster) -> None:
+    repo, env = team["a"], team["env"]
+    result = subprocess.run([str(BIN / "foodtransfer"), "sweep", "-S", "dropout=7",
+                             "--scheduler", dask_cluster.address], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    failed = re.search(r"sweep: FAILED (sweep-\w+-1) \(dropout=7\): .* dvc exp run failed "
+                       r"with exit code \d+:\n", result.stdout)
+    assert failed, result.stdout
+    assert "dropout = 7" in result.stdout.split(failed.group(0), 1)[1], result.stdout
+    assert "compare:" not in result.stdout
+    assert f"1 of 1 experiments failed: {failed.group(1)}" in result.stderr
+    refs = run(["git", "ls-remote", str(team["root"] / "origin.git"), "refs/exps/*"], repo,
+               env).stdout
+    assert failed.group(1) not in refs  # a failed experiment is not pushed
 
 
 def test_a_grid_lands_once_each_though_a_worker_dies_mid_task(team, dask_cluster) -> None:

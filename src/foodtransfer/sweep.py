@@ -311,39 +311,41 @@ class Outcome:
 
 def fan_out(client, plan: Plan, grid: list[Trial], echo: Callable[[str], None],
             poll_s: float = 2.0) -> Outcome:
-    """Submit one task per trial and follow them to the end, printing each change."""
+    """Submit one task per trial and follow them to the end, printing each change. A result
+    is released as soon as it is read: Dask recomputes the results a dead worker held while a
+    client still holds their futures, which would run a finished experiment again."""
     resources = _gpu_resources(client)
-    futures = {client.submit(run_trial, asdict(plan), asdict(trial), key=f"{trial.name}",
+    pending = {client.submit(run_trial, asdict(plan), asdict(trial), key=f"{trial.name}",
                              pure=False, resources=resources): trial for trial in grid}
     names = {trial.name for trial in grid}
     done: list[dict[str, Any]] = []
     failed: list[str] = []
-    seen: set[str] = set()
     last = ""
-    while len(seen) < len(futures):
-        for future, trial in futures.items():
-            if trial.name in seen or future.status not in ("finished", "error", "cancelled"):
+    while pending:
+        for future, trial in list(pending.items()):
+            if future.status not in ("finished", "error", "cancelled"):
                 continue
-            seen.add(trial.name)
             if future.status == "finished":
                 result = future.result()
                 done.append(result)
-                echo(f"sweep: done {trial.name} ({trial.label()}) on worker {result['worker']} in "
-                     f"{result['seconds']:.0f} s: ran {', '.join(result['ran']) or 'nothing'}")
+                echo(f"sweep: done {trial.name} ({trial.label()}) on worker {result['worker']} "
+                     f"in {result['seconds']:.0f} s: ran {', '.join(result['ran']) or 'nothing'}")
             else:
                 error = future.exception() if future.status == "error" else "cancelled"
                 failed.append(trial.name)
                 echo(f"sweep: FAILED {trial.name} ({trial.label()}): {error}")
+            del pending[future]
+            future.release()
         running = {key: worker for worker, keys in executing(client).items()
                    for key in keys if key in names}
         line = (f"sweep: {len(done)} done, {len(running)} running"
                 + (" (" + ", ".join(f"{k} on worker {w}" for k, w in sorted(running.items()))
                    + ")" if running else "")
-                + f", {len(futures) - len(seen) - len(running)} waiting, {len(failed)} failed")
+                + f", {len(pending) - len(running)} waiting, {len(failed)} failed")
         if line != last:
             echo(line)
             last = line
-        if len(seen) < len(futures):
+        if pending:
             time.sleep(poll_s)
     return Outcome(done, failed)
 
