@@ -52,7 +52,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         x = keras.layers.Rescaling(1 / 255)(inputs)
         x = keras.layers.Conv2D(4, 3, activation="relu")(x)
         x = keras.layers.GlobalAveragePooling2D()(x)
-        model = keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+        # A nested head with dropout called twice, as the pipeline's with TTA (the mirrored
+        # image): dropout is inactive when predicting.
+        features = keras.Input((4,))
+        head = keras.Model(features, keras.layers.Dense(len(CLASSES), activation="softmax")(
+            keras.layers.Dropout(0.5)(features)), name="head")
+        model = keras.Model(inputs, keras.layers.Average()(
+            [head(x), head(keras.layers.Rescaling(0.5)(x))]))
         saved = root / "saved"
         saved.mkdir()
         model.save(saved / "model.keras")

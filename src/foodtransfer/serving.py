@@ -27,10 +27,13 @@ def serve_command(model_uri: str, host: str, port: int) -> list[str]:
 
 
 def serve_environment() -> dict[str, str]:
-    """The server's environment: this project's tracking store, to resolve models:/ URIs."""
+    """The server's environment: this project's tracking store, to resolve models:/ URIs, and
+    this environment's scripts first on PATH (MLflow starts ``uvicorn`` by name: without it,
+    ``.venv/bin/foodtransfer serve`` from a shell that has not activated the venv fails)."""
     import os
 
-    return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri()}
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(), "PATH": path}
 
 
 def _registered_version(model_uri: str) -> str | None:
@@ -84,8 +87,9 @@ def export_model(model_uri: str, out: Path, fmt: str = "saved_model") -> Path:
     - ``saved_model``: a TensorFlow SavedModel (Keras ``model.export``: a ``serve`` signature
       from float32 images 0..255 to class probabilities), class names in
       ``assets.extra/classes.json``, as TF Serving expects;
-    - ``onnx``: ``model.onnx`` (Keras ``model.export`` through tf2onnx; input float32 images
-      ``(n, size, size, 3)`` 0..255, output class probabilities) and ``classes.json``.
+    - ``onnx``: ``model.onnx`` (the inference function converted by tf2onnx, opset 17; input
+      ``images``, float32 ``(n, size, size, 3)`` 0..255, output class probabilities) and
+      ``classes.json``.
 
     Returns that folder."""
     import keras
@@ -112,12 +116,26 @@ def export_model(model_uri: str, out: Path, fmt: str = "saved_model") -> Path:
             (tmp / "assets.extra").mkdir(exist_ok=True)
             (tmp / "assets.extra" / "classes.json").write_text(json.dumps(class_names) + "\n")
         else:
-            # A loaded model has never been called: Keras' ONNX export needs the input spec.
-            spec = keras.InputSpec(shape=(None, *model.input_shape[1:]), dtype="float32")
-            model.export(str(tmp / "model.onnx"), format="onnx", input_signature=[spec],
-                         verbose=False)
+            _export_onnx(model, tmp / "model.onnx")
             (tmp / "classes.json").write_text(json.dumps(class_names) + "\n")
     return target
+
+
+ONNX_OPSET = 17
+ONNX_INPUT = "images"
+
+
+def _export_onnx(model, path: Path) -> None:
+    """The model's inference function (``training=False`` given explicitly: Keras' own
+    ``export(format="onnx")`` traced the dropout of a head called twice, as with TTA, into
+    random ops onnxruntime has not) converted by tf2onnx."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=ONNX_INPUT),)
+    function = tf.function(lambda images: model(images, training=False), input_signature=spec)
+    tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET,
+                                  output_path=str(path))
 
 
 def _check_onnx_installed() -> None:
