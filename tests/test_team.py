@@ -428,10 +428,10 @@ def test_a_server_stopped_mid_stage_fails_it_in_seconds_and_repro_recovers(team)
     assert not (a / "metrics" / "dropout.json").exists()  # no DVC output left
     assert not (a / "models" / "dropout").exists()
     server.start()
-    recovered = run(["dvc", "repro"], a, env)
+    recovered = run(["dvc", "repro", "dropout"], a, env)  # the stage, not what follows it
     assert "dropout" in stages_run(recovered.stdout)
     assert (a / "metrics" / "dropout.json").is_file()
-    assert json.loads(run(["dvc", "status", "--json"], a, env).stdout) == {}
+    assert json.loads(run(["dvc", "status", "--json", "dropout"], a, env).stdout) == {}
     # The run the stopped stage left RUNNING was ended as KILLED by the next stage.
     lost = client.search_runs([experiment], "tags.variant = 'dropout' and "
                               "attributes.status = 'KILLED'")
