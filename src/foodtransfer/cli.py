@@ -224,14 +224,13 @@ def serve(
                                 help="Where the default model's registry name is read."),
 ) -> None:
     """Serve the champion over HTTP (MLflow's scoring server, on localhost): POST
-    {"inputs": images} to /invocations; /ping says it is up."""
+    {"inputs": {"image": [base64 photo, ...]}} (or decoded pixels) to /invocations; /ping
+    says it is up."""
     from foodtransfer.serving import serve_command, serve_environment
 
     host = "127.0.0.1"
     with _user_errors("serve"):
-        uri = model_uri or _default_model_uri(params)
-        if not _port_free(host, port):
-            raise UserError(f"port {port} on {host} is in use: pass --port {port + 1}.")
+        uri = _model_on_free_port(model_uri, params, host, port)
         command = serve_command(uri, host, port)
     typer.echo(f"serving {uri} at http://{host}:{port}/invocations (POST {{\"inputs\": "
                "images}; /ping; Ctrl-C stops it)")
@@ -253,9 +252,7 @@ def demo(
     with _user_errors("demo"):
         from foodtransfer.demo import run as run_demo
 
-        uri = model_uri or _default_model_uri(params)
-        if not _port_free(host, port):
-            raise UserError(f"port {port} on {host} is in use: pass --port {port + 1}.")
+        uri = _model_on_free_port(model_uri, params, host, port)
         run_demo(uri, port, Path.cwd(), echo=typer.echo)
 
 
@@ -286,6 +283,14 @@ def export(
                "(n, size, size, 3), pixels 0..255 -> class probabilities; class names in "
                "assets.extra/classes.json)")
     typer.echo(tf_serving_hint(out))
+
+
+def _model_on_free_port(model_uri: str | None, params: Path, host: str, port: int) -> str:
+    """The model to serve (``model_uri``, else the champion), after checking ``port`` is free."""
+    uri = model_uri or _default_model_uri(params)
+    if not _port_free(host, port):
+        raise UserError(f"port {port} on {host} is in use: pass --port {port + 1}.")
+    return uri
 
 
 def _port_free(host: str, port: int) -> bool:
