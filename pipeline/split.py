@@ -4,7 +4,12 @@ is held out.
 Logic: src/foodtransfer/stages/split.py. Paths come from this stage's cmd in dvc.yaml.
 """
 
+import sys
 from pathlib import Path
+
+# This tree's package, not the one `pip install -e .` points at: DVC's queue and --temp run
+# the stage in a copy of the tree, which must run the copy's code (docs/pipeline.md).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import typer
 

@@ -56,7 +56,16 @@ def test_runs_of_different_code_are_kept_apart_unless_pooled() -> None:
     assert swept == ["code_version"]
     assert [g.label(swept) for g in groups] == ["code_version=c1", "code_version=c2"]
     groups, swept = group(executions, pool_code_versions=True)
-    assert swept == [] and [len(g.executions) for g in groups] == [4]
+    # Pooled, each seed counts once: its latest execution (c2's), never both codes' runs.
+    assert swept == [] and [[e.run_id for e in g.executions] for g in groups] == [["c", "d"]]
+
+
+def test_a_run_whose_files_never_landed_is_not_compared() -> None:
+    lost, pending, landed = make_run("l", seed=1), make_run("p", seed=2), make_run("ok", seed=3)
+    lost.data.tags["outputs"], pending.data.tags["outputs"] = "lost", "pending"
+    landed.data.tags["outputs"] = "published"
+    executions, _ = select([lost, pending, landed, make_run("old", seed=4)], [], "e")
+    assert [e.run_id for e in executions] == ["ok", "old"]  # old: before the tag existed
 
 
 def test_one_run_per_seed_the_latest() -> None:

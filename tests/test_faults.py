@@ -350,3 +350,32 @@ def test_connect_serialises_creating_a_fresh_store(mlflow_env, monkeypatch,
         assert code_ == 0, err
         assert "locked" not in err and "already exists" not in err
     assert len({out.strip() for _, out, _ in results}) == 1  # one experiment id
+
+
+def test_an_experiment_created_from_a_temporary_clone_keeps_its_artifacts(
+        mlflow_env, tmp_path: Path) -> None:
+    """A sweep's first task creates the experiment from inside its temporary clone, logging to
+    the project's SQLite store: the experiment's artifacts go beside that store, not into the
+    clone (which is deleted), so every later run's artifacts outlive it."""
+    import mlflow
+
+    project, clone = tmp_path / "project", tmp_path / "clone"
+    (project / "mlruns").mkdir(parents=True)
+    clone.mkdir()
+    (clone / "note.txt").write_text("logged from the clone\n")
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    code = ("from pathlib import Path; from foodtransfer.tracking.runs import tracked_run\n"
+            "with tracked_run('fresh', 'dropout', 'variant', {}, {}) as run:\n"
+            "    run.log_artifact(Path('note.txt'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(MLFLOW_TRACKING_URI=uri, DVC_ROOT=str(clone))  # as in a sweep task's clone
+    result = subprocess.run([sys.executable, "-c", code], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(clone)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fresh")
+    assert experiment.artifact_location == (project / "mlruns" / "artifacts").as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    path = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path))
+    assert Path(path).read_text() == "logged from the clone\n"

@@ -590,13 +590,24 @@ def reseeded(queued):
     repo, env = queued["repo"], queued["env"]
     result = run(["dvc", "exp", "run", "-S", "data.seed=43", "-n", "seed43", "dropout"], repo,
                  env)
-    training_seed = run(["dvc", "exp", "run", "-S", "seed=44", "-n", "seed44", "dropout"], repo,
-                        env)
+    training_seed = run(["dvc", "exp", "run", "--temp", "-S", "seed=44", "-n", "seed44",
+                         "dropout"], repo, env)
     return {**queued, "result": result, "training_seed": training_seed}
 
 
 def test_the_training_seed_reruns_only_training(reseeded) -> None:
     assert stages_run(reseeded["training_seed"].stdout) == {"dropout"}
+
+
+def test_a_temp_experiment_runs_the_code_of_its_copy(reseeded) -> None:
+    """`dvc exp run --temp` runs the stage in a copy of the tree: the code it runs is the
+    copy's (env's PYTHONPATH names the workspace's src/, as an editable install does)."""
+    from foodtransfer.dag import code_version
+
+    (run_,) = [r for r in mlflow_runs(reseeded["repo"])[1]
+               if r.data.tags.get("dvc_exp_name") == "seed44"]
+    assert "/.dvc/tmp/exps/" in run_.data.tags["code_path"], run_.data.tags["code_path"]
+    assert run_.data.tags["code_version"] == code_version(reseeded["repo"], ["dropout"])
 
 
 def test_another_seed_gives_another_split_and_data_version(reseeded) -> None:

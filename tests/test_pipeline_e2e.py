@@ -77,8 +77,10 @@ def make_repo(root: Path, overrides: dict, weights: Path | None = None
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "DVC_", "FOODTRANSFER_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               # The stages run the repository's copy of the package, as they would in a clone
-               # (not the checkout the test suite was installed from).
+               # The workspace's package on the path, as `pip install -e .` in the project
+               # puts it: a stage that ran from a copy of the tree (DVC's queue, --temp)
+               # would import the workspace's code, not its own, were it not for the first
+               # lines of each pipeline/ script (test_queued_experiments_run_their_own_code).
                PYTHONPATH=str(repo / "src"),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
@@ -252,6 +254,43 @@ def test_every_variant_learns_and_deploys_what_it_evaluated(pipeline):
         assert metrics["test_accuracy"] >= LEARNS, (variant, metrics["test_accuracy"])
 
 
+def test_a_deployed_model_that_differs_from_the_evaluated_one_fails_the_stage(
+        pipeline, tmp_path, monkeypatch):
+    """The deployed-model check itself: the transfer stage, made to log an image model whose
+    preprocessing differs from the evaluated path (no mirror averaging where the cached
+    predictions have it), fails with the check's error, publishes nothing, and its MLflow
+    run ends FAILED."""
+    import mlflow
+
+    from foodtransfer.config import load_params
+    from foodtransfer.models import classifiers
+    from foodtransfer.results import DeployedModelError, VariantPaths
+    from foodtransfer.stages import transfer
+
+    repo = pipeline["repo"]
+    params = load_params(repo / "params.yaml")
+    assert params.features.tta  # the evaluated probabilities are mirror-averaged
+    real = classifiers.build_image_classifier
+
+    def without_mirror(extractor, head, *, image_size, tta):
+        return real(extractor, head, image_size=image_size, tta=False)
+
+    monkeypatch.setattr(transfer, "build_image_classifier", without_mirror)
+    monkeypatch.chdir(repo)  # the weights param names a file under weights/
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    outputs = VariantPaths(*(tmp_path / "out" / name for name in
+                             ("transfer.json", "plots", "artifacts", "model")))
+    with pytest.raises(DeployedModelError, match=r"the transfer model logged to MLflow .* is "
+                                                 r"not the model that was evaluated"):
+        transfer.run(params, repo / "data/trimmed", repo / "data/split",
+                     repo / "data/features", outputs)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    client = mlflow.MlflowClient(store)
+    (run_,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run_.info.status == "FAILED" and run_.data.tags["outputs"] == "pending"
+
+
 def test_the_heads_train_on_views_paired_with_their_labels(pipeline):
     """Each block of the heads' training set (the images, then each augmented view) is
     classified by the trained transfer head as the labels it is paired with say."""
@@ -391,7 +430,8 @@ def test_logged_model_predicts_raw_images(pipeline):
 
 
 # ------------------------------------------------------------------- report and predict
-REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
+REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png", "run.json")
+FIGURES = ("curves.png", "confusion.png", "errors.png")
 
 
 def variant_run_ids(repo: Path) -> dict[str, str]:
@@ -431,7 +471,11 @@ def test_report_files_compare_the_four_variants(pipeline):
     assert re.search(r"- finetune vs dropout: [+\u2212]\d+\.\d points \[.*\], McNemar p "
                      r"(= \d\.\d+|< 0\.001): (not )?significant at the 0\.05 level\.", text)
     assert re.search(r"The champion is (not )?significantly better than the runner-up", text)
-    for name in REPORT_FILES[1:]:
+    ran = json.loads((repo / "reports" / "run.json").read_text())
+    client, parents = pipeline_runs(repo)
+    assert ran["pipeline_run_id"] == parents[-1].info.run_id  # the run that wrote the report
+    assert parents[-1].data.tags["registered_model_version"] == ran["registered_version"]
+    for name in FIGURES:
         with Image.open(repo / "reports" / name) as image:
             image.verify()
             assert image.format == "PNG"
@@ -715,11 +759,40 @@ def seeded(pipeline):
     """Another training seed for both dropout values, in DVC's queue (grid syntax): with the
     two executions above, two seeds per configuration; then `foodtransfer compare`."""
     repo, env = pipeline["repo"], pipeline["env"]
+    # Between the two seeds, an edit to code no training stage runs (the demo): the seeds
+    # still pool as one configuration.
+    demo = repo / "src" / "foodtransfer" / "demo.py"
+    demo.write_text(demo.read_text() + "\n# an edit no training stage sees\n")
+    run(["git", "commit", "-qam", "edit the demo"], repo, env)
     run(["dvc", "exp", "run", "--queue", "-S", "seed=7", "-S", "dropout=0.3,0.6"], repo, env)
-    # Two whole pipelines, one after the other: 900 s each at most.
-    queue = run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env, timeout=1800)
+    # Queued, then the workspace's training code breaks (env's PYTHONPATH puts the
+    # workspace's src/ first, as `pip install -e .` would): the queue runs its own copy.
+    stage = repo / "src" / "foodtransfer" / "stages" / "dropout.py"
+    queued_code = stage.read_text()
+    stage.write_text(queued_code + "\nraise RuntimeError('the workspace edit ran')\n")
+    try:
+        # Two whole pipelines, one after the other: 900 s each at most.
+        queue = run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env, timeout=1800)
+    finally:
+        stage.write_text(queued_code)
     compared = run([str(Path(sys.executable).parent / "foodtransfer"), "compare"], repo, env)
     return {**pipeline, "queue": queue, "compare": compared}
+
+
+def test_queued_experiments_run_their_own_code(seeded):
+    """Every queued stage ran the queue's copy of the code, and says so: its code_path is the
+    copy's, its code_version the hash of the code that was queued (the workspace's now)."""
+    from foodtransfer.dag import code_version
+
+    assert "the workspace edit ran" not in seeded["queue"].stdout + seeded["queue"].stderr
+    client, _, runs = mlflow_runs(seeded["repo"])
+    queued = [r for r in runs if r.data.params.get("seed") == "7"]
+    assert {r.info.run_name for r in queued} == set(VARIANTS)
+    for run_ in queued:
+        assert run_.info.status == "FINISHED" and run_.data.tags["outputs"] == "published"
+        assert "/.dvc/tmp/exps/" in run_.data.tags["code_path"], run_.data.tags["code_path"]
+        assert run_.data.tags["code_version"] == code_version(
+            seeded["repo"], [run_.info.run_name]), run_.info.run_name
 
 
 def test_queued_seeds_rerun_only_the_training_stages(seeded):

@@ -437,3 +437,54 @@ def test_an_experiment_moves_the_challenger_and_a_first_one_the_champion_too(
                             paths.root / "artifacts" / "wide")
     with pytest.raises(DataError, match=r"'wide' is not a registered variant .*variants\.py"):
         load_results([*paths.sources, unknown])
+
+
+def test_the_alias_moves_after_the_run_ended_and_the_files_landed(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill at any point before the alias moves leaves the champion where it was: when it
+    moves, the pipeline run has ended FINISHED with its files published and marked so."""
+    from foodtransfer.tracking import registry
+
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
+    params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
+    paths = write_outputs(store, {v: log_variant_run("unit", v) for v in VARIANTS})
+    seen = {}
+    real = registry.move_aliases
+
+    def observed(name: str, alias: str, version: str) -> list[str]:
+        experiment = client.get_experiment_by_name("unit")
+        (parent,) = client.search_runs([experiment.experiment_id],
+                                       "tags.run_kind = 'pipeline'")
+        seen.update(status=parent.info.status, outputs=parent.data.tags.get("outputs"),
+                    published=sorted(p.name for p in paths.reports.iterdir()))
+        return real(name, alias, version)
+
+    monkeypatch.setattr(registry, "move_aliases", observed)
+    run_report(params, paths)
+    assert seen == {"status": "FINISHED", "outputs": "published",
+                    "published": sorted(REPORT_FILES)}
+    assert str(client.get_model_version_by_alias("food", "champion").version) == "1"
+
+
+def test_a_finished_run_whose_files_never_landed_is_marked_by_the_next_run(
+        store: Path) -> None:
+    """A process killed after its run ended FINISHED and before its files were renamed into
+    place: the next run on this host marks it outputs=lost (compare then leaves it out)."""
+    import socket
+    import subprocess
+    import sys
+
+    from foodtransfer.tracking.runs import tracked_run
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with tracked_run("unit", "dropout", "variant", {}, {}, stages=["dropout"]) as killed:
+        pass  # its files would land here, after the run ended: the process died instead
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
+    client.set_tag(killed.run_id, "pid", dead)
+    assert client.get_run(killed.run_id).data.tags["outputs"] == "pending"
+    with tracked_run("unit", "dropout", "variant", {}, {}, stages=["dropout"]):
+        pass
+    tags = client.get_run(killed.run_id).data.tags
+    assert tags["outputs"] == "lost" and tags["host"] == socket.gethostname()
+    assert "before the stage's files landed" in tags["mlflow.note.content"]

@@ -189,6 +189,10 @@ def sweep(
             typer.echo(f"compare: {summary}")
             table = (out / "experiments.md").read_text()
             typer.echo(table[table.find("| "):].split("\n\n")[0])
+        elif outcome.done:
+            typer.echo("sweep: its targets stop before the report stage, so its experiments "
+                       "have no pipeline runs to compare; their variant runs carry the tag "
+                       "dvc_exp_name (the MLflow UI, or dvc exp show, lists them).")
     if outcome.failed:
         typer.secho(f"foodtransfer sweep: {len(outcome.failed)} of "
                     f"{len(outcome.failed) + len(outcome.done)} experiments failed: "

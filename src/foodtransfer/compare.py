@@ -31,6 +31,7 @@ from foodtransfer import variants
 from foodtransfer.errors import UserError
 from foodtransfer.evaluation import right_per_image
 from foodtransfer.markdown import experiments_markdown
+from foodtransfer.tracking.runs import OUTPUTS_TAG, PUBLISHED
 from foodtransfer.uncertainty import mean_and_sd, pooled_interval
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,9 @@ def select(runs: list, names: list[str], experiment: str
     experiment names or pipeline run ids) and the unfinished ones that were asked for (or,
     by default, every experiment with a failed or running run)."""
     pipelines = [run for run in runs if run.data.tags.get("run_kind") == "pipeline"]
-    finished = [run for run in pipelines if run.info.status == "FINISHED"]
+    # Finished, and its files landed (runs older than the outputs tag count as landed).
+    finished = [run for run in pipelines if run.info.status == "FINISHED"
+                and run.data.tags.get(OUTPUTS_TAG, PUBLISHED) == PUBLISHED]
     trainings = [run for run in runs if run.data.tags.get("variant")
                  and run.data.tags.get("run_kind") != "pipeline"]
     unfinished: list[Unfinished] = []
@@ -195,6 +198,10 @@ def group(executions: list[Execution], pool_code_versions: bool = False
     """The configurations (in order of first run) and the params that differ between them.
     Runs of different code (tag ``code_version``) are different configurations, and
     ``code_version`` is then among the differing "params", unless ``pool_code_versions``."""
+    if pool_code_versions:  # one seed counts once: the latest execution of it, any code
+        latest = {(_config_key(e, True), e.seed): e
+                  for e in sorted(executions, key=lambda e: e.start_time)}
+        executions = sorted(latest.values(), key=lambda e: e.start_time)
     groups: dict[tuple, Group] = {}
     for execution in executions:
         key = _config_key(execution, pool_code_versions)

@@ -202,8 +202,13 @@ def staged_outputs(paths: VariantPaths) -> Iterator[VariantPaths]:
     """Stand-ins for a variant's outputs, published (each renamed onto its path) only when
     the block succeeds: open it outside the variant's MLflow run, so that the outputs land
     after the run ended FINISHED and never name a run that failed."""
+    from foodtransfer.tracking.runs import mark_published
+
     with staged([paths.metrics, paths.plots, paths.artifacts, paths.model]) as stand_ins:
         yield VariantPaths(*stand_ins)
+    # Landed: the run they name says so (a kill before this leaves it "pending", and the
+    # next run of a stage on this host marks it "lost").
+    mark_published(json.loads((paths.artifacts / "mlflow_run.json").read_text())["run_id"])
 
 
 def summary(metrics: dict[str, Any], history: History) -> str:
@@ -225,7 +230,7 @@ def variant_run(params: Params, variant: str, split_dir: Path, setup: TrainingSe
     version = data_version(split_dir)
     with tracked_run(params.mlflow.experiment, variant, "variant", flatten(params),
                      {"variant": variant, "data_version": version, **setup.tags(),
-                      **(tags or {})}, system_metrics=True) as run:
+                      **(tags or {})}, system_metrics=True, stages=[variant]) as run:
         run.log_split_manifests(split_dir, version)
         yield run
 

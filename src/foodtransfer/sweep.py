@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from foodtransfer.dag import (direct_upstream, load_stages, params_read, uncached_outputs,
+                              upstream)
 from foodtransfer.errors import UserError
 
 SCHEDULER_ENV = "FOODTRANSFER_SCHEDULER"
@@ -127,69 +129,36 @@ def default_dvc_remote(project: Path) -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def _params_read(stage: dict) -> list[str]:
-    """The params.yaml keys a dvc.yaml stage lists ("*": the whole file)."""
-    read: list[str] = []
-    for entry in stage.get("params", []):
-        if isinstance(entry, dict):
-            for keys in entry.values():
-                read += list(keys or ["*"])
-        else:
-            read.append(entry)
-    return read
-
-
-def shared_stages(project: Path, swept: set[str]) -> list[str]:
+def shared_stages(project: Path, swept: set[str], targets: list[str] | None = None
+                  ) -> list[str]:
     """The stages of dvc.yaml that neither read a swept param nor depend on a stage that does:
-    every experiment of the sweep has the same outputs there, computed once."""
-    import yaml
-
-    stages = yaml.safe_load((project / "dvc.yaml").read_text()).get("stages", {})
-    producer = {str(out if isinstance(out, str) else next(iter(out))): name
-                for name, stage in stages.items() for out in stage.get("outs", [])}
-
-    def upstream(stage: dict) -> set[str]:
-        found = set()
-        for dep in stage.get("deps", []):
-            for out, name in producer.items():
-                if dep == out or dep.startswith(out.rstrip("/") + "/"):
-                    found.add(name)
-        return found
+    every experiment of the sweep has the same outputs there, computed once. With
+    ``targets``, only those the targets need (the sweep runs nothing else)."""
+    stages = load_stages(project)
+    unknown = [name for name in targets or [] if name not in stages]
+    if unknown:
+        raise SweepError(f"unknown stage {unknown[0]!r}: the stages of dvc.yaml are "
+                         f"{', '.join(stages)}.")
+    needed = set(upstream(stages, list(targets))) if targets else set(stages)
 
     def reads_swept(name: str) -> bool:
         return any(key == "*" or key == s or s.startswith(key + ".") or key.startswith(s + ".")
-                   for key in _params_read(stages[name]) for s in swept)
+                   for key in params_read(stages[name]) for s in swept)
 
     varies: dict[str, bool] = {}
 
     def depends_on_sweep(name: str) -> bool:
         if name not in varies:
             varies[name] = True  # a cycle is not a DAG: treat as varying
-            varies[name] = reads_swept(name) or any(map(depends_on_sweep,
-                                                        upstream(stages[name])))
+            varies[name] = reads_swept(name) or any(
+                map(depends_on_sweep, direct_upstream(stages, name)))
         return varies[name]
 
-    return [name for name in stages if not depends_on_sweep(name)]
-
-
-def uncached_outputs(project: Path, names: list[str]) -> list[str]:
-    """The outputs, metrics and plots declared ``cache: false`` of the stages ``names``."""
-    import yaml
-
-    stages = yaml.safe_load((project / "dvc.yaml").read_text()).get("stages", {})
-    found = []
-    for name in names:
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stages[name].get(kind, []):
-                if isinstance(entry, dict):
-                    for path, options in entry.items():
-                        if (options or {}).get("cache") is False:
-                            found.append(path)
-    return found
+    return [name for name in stages if name in needed and not depends_on_sweep(name)]
 
 
 def overlay_files(project: Path, names: list[str]) -> dict[str, bytes]:
-    paths = ["dvc.lock", *uncached_outputs(project, names)]
+    paths = ["dvc.lock", *uncached_outputs(load_stages(project), names)]
     return {path: (project / path).read_bytes() for path in paths
             if (project / path).is_file()}
 
@@ -205,6 +174,23 @@ def _tail(text: str, lines: int = LAST_LINES) -> str:
 
 
 # -------------------------------------------------------------------------------- the task
+REPORT_STAGE, REPORT_RUN_FILE = "report", "reports/run.json"  # stages/report.py's RUN_FILE
+
+
+def own_pipeline_run(clone: Path, targets: list[str]) -> str | None:
+    """The pipeline run of the experiment that just ran in ``clone``: the one its report
+    stage names in ``reports/run.json`` (its own run, or the one DVC restored the report of,
+    from identical inputs), or None when the targets stop before the report (what the clone
+    holds there is then the commit's, not the experiment's)."""
+    import json
+
+    stages = load_stages(clone)
+    if targets and REPORT_STAGE not in upstream(stages, targets):
+        return None
+    path = clone / REPORT_RUN_FILE
+    return json.loads(path.read_text())["pipeline_run_id"] if path.is_file() else None
+
+
 def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     """One experiment, on a worker: clone, ``dvc exp run --pull``, ``dvc exp push``."""
     from distributed import get_worker
@@ -237,9 +223,6 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
             target = clone / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
-        if (clone / "src" / "foodtransfer").is_dir():  # the stages run the sweep's code
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(clone / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
         if plan["shared_cache"]:  # one machine: the project's cache is this clone's
             step(["dvc", "cache", "dir", "--local", plan["shared_cache"]], "dvc cache dir")
             step(["dvc", "checkout", "--allow-missing"], "dvc checkout")
@@ -250,9 +233,7 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
         output = step(["dvc", "exp", "run", *([] if plan["shared_cache"] else ["--pull"]),
                        "-n", name, *[arg for item in overrides for arg in ("-S", item)],
                        *plan["targets"]], "dvc exp run")
-        report = clone / "reports" / "comparison.md"
-        found = re.search(r"pipeline run `([0-9a-f]{32})`",
-                          report.read_text()) if report.is_file() else None
+        pipeline_run = own_pipeline_run(clone, plan["targets"])
         step(["dvc", "exp", "push", "--force", *(["--no-cache"] if plan["shared_cache"] else
                                                    ["--run-cache"]),
               "origin", name], "dvc exp push")
@@ -260,7 +241,7 @@ def run_trial(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.time() - started,
             "ran": list(dict.fromkeys(re.findall(r"Running stage '([\w-]+)'", output))),
             # The pipeline run of its results: its own, or the one DVC reused them from.
-            "pipeline_run": found.group(1) if found else None}
+            "pipeline_run": pipeline_run}
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -401,10 +382,10 @@ def sweep(sets: list[str], project: Path, *, scheduler: str | None = None,
         echo(f"sweep: {len(grid)} experiments on {scheduler or 'a local Dask cluster'} "
              f"(workers: {names or 'none yet'}; dashboard {client.dashboard_link})")
         swept = {item.split("=", 1)[0] for item in sets}
-        upstream = shared_stages(project, swept)
-        if upstream:
-            echo(f"sweep: computing {', '.join(upstream)} once, before the fan-out")
-            _checked(["dvc", "repro", *upstream], project)
+        shared = shared_stages(project, swept, targets)
+        if shared:
+            echo(f"sweep: computing {', '.join(shared)} once, before the fan-out")
+            _checked(["dvc", "repro", *shared], project)
         if dvc_remote:
             echo(f"sweep: pushing their outputs and the run cache to {dvc_remote}")
             _checked(["dvc", "push", "--run-cache", "-r", _remote_name(project, dvc_remote)],
@@ -412,7 +393,7 @@ def sweep(sets: list[str], project: Path, *, scheduler: str | None = None,
         sweep_ref = f"{SWEEP_REFS}/{sweep_id}"
         _git(project, "push", "--quiet", git_remote, f"{commit}:{sweep_ref}")
         plan = Plan(commit, sweep_ref, git_remote, uri, dvc_remote, shared_cache,
-                    list(targets or []), overlay_files(project, upstream))
+                    list(targets or []), overlay_files(project, shared))
         outcome = fan_out(client, plan, grid, echo)
     finally:
         client.close()

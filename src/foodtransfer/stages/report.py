@@ -35,7 +35,9 @@ from foodtransfer.uncertainty import PairedDifference, paired_difference
 
 VARIANTS = variants.NAMES  # in pipeline order: the paired tests compare later with earlier
 TRANSFER_VARIANTS = tuple(v.name for v in variants.VARIANTS if v.frozen_backbone)
-REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png")
+# run.json: the pipeline run and registered version of this report (the sweep reads it).
+RUN_FILE = "run.json"
+REPORT_FILES = ("comparison.md", "curves.png", "confusion.png", "errors.png", RUN_FILE)
 # Per-variant metrics the pipeline run repeats, with their intervals (prefixes of the keys).
 SUMMARY_METRICS = ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "best_val_accuracy")
 ERROR_GRID = 16  # most confident mistakes shown in errors.png
@@ -339,44 +341,53 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     tags = {"data_version": version, "champion": champion,
             **({"runner_up": second} if second else {}),
             **{f"variant_run_id.{name}": result.run_id for name, result in results.items()}}
-    with tracking_runs.tracked_run(config.experiment, tracking_runs.PIPELINE_RUN_NAME,
-                                   "pipeline", flatten(params), tags) as parent, \
-            scratch_dir(out) as tmp:
-        # Figures first: a failure there must not move the champion alias.
-        write_figures(results, champion, trimmed, split, tmp)
-        champion_run = runs[champion]
-        registered_version = register_version(
-            champion_run.data.tags["model_uri"], config.registered_model,
-            provenance(results[champion], parent.run_id, version),
-            description=_model_description(results))
-        adopted = tracking_runs.adopt_runs(parent.run_id, runs)
-        owners = {name: (parent.run_id if name in adopted
-                         else runs[name].data.tags.get(tracking_runs.PIPELINE_TAG, ""))
-                  for name in results}
-        context = ReportContext(
-            experiment=config.experiment, data_version=version, parent_run_id=parent.run_id,
-            git_commit=tracking_runs.git_commit(project_root()),
-            dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
-            registered_model=config.registered_model, registered_version=registered_version,
-            registered_alias=alias,
-            run_owner=owners)
-        markdown = comparison_markdown(results, champion, changed, context, pairs,
-                                       against_runner_up)
-        (tmp / "comparison.md").write_text(markdown)
-        for name in REPORT_FILES:
-            parent.log_artifact(tmp / name)
-        parent.log_metrics({
-            **{f"{name}_{key}": value for name, result in results.items()
-               for key, value in result.metrics.items()
-               if key.startswith(SUMMARY_METRICS)},
-            **pair_metrics(pairs + ([against_runner_up] if against_runner_up else []))})
-        # MLflow's UI shows this tag as the run's description (rendered markdown).
-        parent.set_tags({tracking_runs.NOTE_TAG: markdown[:7900],
-                         "registered_model_version": registered_version,
-                         "registered_model_alias": alias})
-        # The alias moves once the reports are written and logged; the files land last.
-        moved = move_aliases(config.registered_model, alias, registered_version)
+    # The order closes the windows a kill could leave open: the run ends FINISHED with
+    # everything logged, then the files land (DVC records the stage only after the command
+    # exits, so a kill before this point re-runs it), then the alias moves, last, onto a
+    # version whose run and report are complete.
+    with scratch_dir(out) as tmp:
+        with tracking_runs.tracked_run(config.experiment, tracking_runs.PIPELINE_RUN_NAME,
+                                       "pipeline", flatten(params), tags,
+                                       stages=list(results)) as parent:
+            # Figures first: a failure there registers nothing.
+            write_figures(results, champion, trimmed, split, tmp)
+            champion_run = runs[champion]
+            registered_version = register_version(
+                champion_run.data.tags["model_uri"], config.registered_model,
+                provenance(results[champion], parent.run_id, version),
+                description=_model_description(results))
+            adopted = tracking_runs.adopt_runs(parent.run_id, runs)
+            owners = {name: (parent.run_id if name in adopted
+                             else runs[name].data.tags.get(tracking_runs.PIPELINE_TAG, ""))
+                      for name in results}
+            context = ReportContext(
+                experiment=config.experiment, data_version=version,
+                parent_run_id=parent.run_id,
+                git_commit=tracking_runs.git_commit(project_root()),
+                dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
+                registered_model=config.registered_model,
+                registered_version=registered_version, registered_alias=alias,
+                run_owner=owners)
+            markdown = comparison_markdown(results, champion, changed, context, pairs,
+                                           against_runner_up)
+            (tmp / "comparison.md").write_text(markdown)
+            (tmp / RUN_FILE).write_text(json.dumps(
+                {"pipeline_run_id": parent.run_id, "registered_model": config.registered_model,
+                 "registered_version": registered_version, "alias": alias}, indent=1) + "\n")
+            for name in REPORT_FILES:
+                parent.log_artifact(tmp / name)
+            parent.log_metrics({
+                **{f"{name}_{key}": value for name, result in results.items()
+                   for key, value in result.metrics.items()
+                   if key.startswith(SUMMARY_METRICS)},
+                **pair_metrics(pairs + ([against_runner_up] if against_runner_up else []))})
+            # MLflow's UI shows this tag as the run's description (rendered markdown).
+            parent.set_tags({tracking_runs.NOTE_TAG: markdown[:7900],
+                             "registered_model_version": registered_version,
+                             "registered_model_alias": alias})
         publish(tmp, out)
+        tracking_runs.mark_published(parent.run_id)
+        moved = move_aliases(config.registered_model, alias, registered_version)
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "

@@ -55,12 +55,21 @@ def set_alias(name: str, alias: str, version: str) -> None:
 def move_aliases(name: str, alias: str, version: str) -> list[str]:
     """Point ``alias`` at ``version``; a challenger also becomes the champion when there is
     none yet (a first run that is an experiment: nothing is replaced, and predict and serve
-    have a model). Returns the aliases moved."""
-    set_alias(name, alias, version)
-    if alias == CHALLENGER_ALIAS and version_by_alias(name, CHAMPION_ALIAS) is None:
-        set_alias(name, CHAMPION_ALIAS, version)
-        return [alias, CHAMPION_ALIAS]
-    return [alias]
+    have a model). Returns the aliases moved.
+
+    On the project's own store the check and the moves hold the store's lock, so two
+    experiments finishing at once (``dvc queue start -j 2``) cannot both find no champion:
+    the first makes its version the champion, the second only the challenger. (On a
+    tracking server, MLflow offers no lock: the last move wins, and each alias still names
+    a complete version.)"""
+    from foodtransfer.tracking.store import alias_lock
+
+    with alias_lock():
+        set_alias(name, alias, version)
+        if alias == CHALLENGER_ALIAS and version_by_alias(name, CHAMPION_ALIAS) is None:
+            set_alias(name, CHAMPION_ALIAS, version)
+            return [alias, CHAMPION_ALIAS]
+        return [alias]
 
 
 def version_by_alias(name: str, alias: str) -> Any | None:

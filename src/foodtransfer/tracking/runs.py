@@ -31,6 +31,11 @@ PIPELINE_TAG = "pipeline_run_id"  # on a variant run: the pipeline run it belong
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
 NOTE_TAG = "mlflow.note.content"  # MLflow's UI shows this tag as the run's description
 WORKER_ENV = "FOODTRANSFER_WORKER"  # the sweep worker that ran this execution (tag worker)
+# Whether a stage's DVC outputs landed: "pending" while the run is open and until its files
+# are renamed into place (after the run ended FINISHED), then "published"; "lost" when its
+# process died in between (set by the next run on this host). Runs without it are older.
+OUTPUTS_TAG = "outputs"
+PENDING, PUBLISHED, LOST = "pending", "published", "lost"
 
 
 def git_commit(root: Path) -> str | None:
@@ -42,15 +47,23 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
-def code_version(root: Path | None = None) -> str:
-    """A short hash of the pipeline's code as it runs here (``pipeline/*.py`` and the
-    package's ``*.py``, the stages' code deps): runs of different code never pool as seeds
-    of one configuration (foodtransfer compare), even with uncommitted edits."""
+def code_version(stages: list[str] | None = None, root: Path | None = None) -> str:
+    """A short hash of the code that produced a run's numbers, in the tree the stage runs in
+    (the working directory: DVC runs a stage at its tree's root, a queued or temporary copy
+    included). With ``stages``: exactly the code deps dvc.yaml lists for them and for every
+    stage upstream (what DVC hashes), so an edit to code no such stage imports (the demo,
+    compare) changes nothing. Without, or outside a DVC project: every ``*.py`` of the
+    package and of ``pipeline/``."""
     import hashlib
 
     import foodtransfer
+    from foodtransfer.dag import code_version as stages_code_version
 
     root = root or Path.cwd()
+    if stages:
+        version = stages_code_version(root, stages)
+        if version is not None:
+            return version
     package = root / "src" / "foodtransfer"
     if not package.is_dir():
         package = Path(foodtransfer.__file__).parent
@@ -59,6 +72,14 @@ def code_version(root: Path | None = None) -> str:
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def code_path() -> str:
+    """The folder of the ``foodtransfer`` package this process runs: the tree's own ``src/``
+    (a DVC queue's or --temp copy included), whatever ``pip install -e`` points at."""
+    import foodtransfer
+
+    return str(Path(foodtransfer.__file__).resolve().parent)
 
 
 class TrackedRun:
@@ -119,24 +140,45 @@ class TrackedRun:
         return model_uri
 
 
+def mark_published(run_id: str) -> None:
+    """Say on the run that its stage's files landed (tag ``outputs=published``)."""
+    import mlflow
+
+    retry_on_lock(mlflow.MlflowClient().set_tag)(run_id, OUTPUTS_TAG, PUBLISHED)
+
+
 def end_orphaned_runs(experiment_id: str) -> list[str]:
     """End as KILLED the runs of this experiment that are still RUNNING although the process
-    that started them on this host is gone (SIGKILL, power loss: nothing could end them).
+    that started them on this host is gone (SIGKILL, power loss: nothing could end them), and
+    mark ``outputs=lost`` the FINISHED runs whose process died before their files landed.
     Returns their ids. Runs of other hosts are left alone: their processes cannot be seen."""
     import mlflow
 
     client = mlflow.MlflowClient()
+    host = f"tags.{HOST_TAG} = '{socket.gethostname()}'"
     runs = retry_on_lock(client.search_runs)(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
-        f"tags.{HOST_TAG} = '{socket.gethostname()}'", max_results=1000)
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {host}",
+        max_results=1000)
+    unpublished = retry_on_lock(client.search_runs)(
+        [experiment_id], filter_string=f"attributes.status = 'FINISHED' and {host} and "
+        f"tags.{OUTPUTS_TAG} = '{PENDING}'", max_results=1000)
     ended = []
-    for run in runs:
+    for run in [*runs, *unpublished]:
         pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        if not (pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))):
+            continue
+        if run.info.status == "RUNNING":
             retry_on_lock(client.set_terminated)(run.info.run_id, status="KILLED")
             log.info("MLflow run %s (%s) marked killed: its process %s is gone",
                      run.info.run_id, run.info.run_name, pid)
-            ended.append(run.info.run_id)
+        else:
+            retry_on_lock(client.set_tag)(run.info.run_id, OUTPUTS_TAG, LOST)
+            retry_on_lock(client.set_tag)(run.info.run_id, NOTE_TAG, (
+                f"Its process ({pid}) died after this run ended and before the stage's files "
+                "landed: DVC recorded nothing, and the stage ran again. Not compared."))
+            log.info("MLflow run %s (%s) marked outputs=lost: its process %s died before "
+                     "its files landed", run.info.run_id, run.info.run_name, pid)
+        ended.append(run.info.run_id)
     return ended
 
 
@@ -161,17 +203,21 @@ def _system_metrics_setting() -> bool | None:
 
 @contextlib.contextmanager
 def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
-                tags: dict[str, str], *, system_metrics: bool = False) -> Iterator[TrackedRun]:
+                tags: dict[str, str], *, system_metrics: bool = False,
+                stages: list[str] | None = None) -> Iterator[TrackedRun]:
     """Open the MLflow run ``name`` of ``kind`` ("variant", "pipeline" or "comparison") in
     ``experiment`` with ``params`` and ``tags`` (plus git commit, DVC experiment name, host
     and process), sampling the machine's load while it runs when ``system_metrics``. It ends
     FINISHED, or FAILED on any exception; runs that killed processes left RUNNING are ended
-    as KILLED first."""
+    as KILLED first. ``stages``: the dvc.yaml stages whose code produced the run's numbers
+    (tag ``code_version``, see :func:`code_version`)."""
     import mlflow
 
     end_orphaned_runs(connect(experiment))
     all_tags = {RUN_KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-                "code_version": code_version()}
+                "code_version": code_version(stages), "code_path": code_path()}
+    if stages:  # a stage's run: its files land after it ends (mark_published)
+        all_tags[OUTPUTS_TAG] = PENDING
     commit = git_commit(project_root())
     if commit:
         all_tags["git_commit"] = commit

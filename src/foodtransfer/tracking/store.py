@@ -197,6 +197,28 @@ def _store_lock(store: Path, timeout: float = 300.0) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def alias_lock() -> contextlib.AbstractContextManager:
+    """The project store's lock, for a read-then-move of registry aliases (a tracking server:
+    none)."""
+    if custom_tracking_uri() is not None:
+        return contextlib.nullcontext()
+    return _store_lock(default_store_dir())
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of the store ``uri`` keeps its artifacts: ``artifacts/`` beside
+    a SQLite database (the project's own or another), None for a tracking server (the server
+    decides). MLflow would otherwise make it relative to the creating process's working
+    directory, fixed for good at creation: created from a sweep's temporary clone or a DVC
+    queue's copy, every later run's artifacts would go to that folder and vanish with it."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return (database.resolve().parent / "artifacts").as_uri()
+
+
 def connect(experiment: str) -> str:
     """Point MLflow at the store and the experiment, failing fast (before any training) when
     the store cannot be reached or written. Returns the experiment id."""
@@ -219,9 +241,7 @@ def connect(experiment: str) -> str:
                     if found.tags.get(key) != value:
                         retry_on_lock(client.set_experiment_tag)(experiment_id, key, value)
             else:
-                location = None
-                if not custom:
-                    location = (default_store_dir() / "artifacts").as_uri()
+                location = artifact_location(uri)
                 try:
                     experiment_id = retry_on_lock(client.create_experiment)(
                         experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
