@@ -134,7 +134,10 @@ def test_frame_has_mean_sd_and_the_swept_values() -> None:
     assert (row["test_accuracy_pooled_ci_low"], row["test_accuracy_pooled_ci_high"]) == \
         (0.78, 0.86)
     text = experiments_markdown("e", executions, groups, swept, [summary], [], "R1")
-    assert "| all runs | dropout | 2 | 0.820 ± 0.028 | [0.780, 0.860] |" in text
+    # Two seeds: the image-only interval, and the seed share said to need three.
+    assert "| all runs | dropout | 2 | 0.820 ± 0.028 | n/a (< 3 seeds) | [0.780, 0.860] |" \
+        in text
+    assert "| all runs | dropout | 0.028 | - | n/a (< 3 seeds) |" in text
     assert isinstance(frame, pd.DataFrame)
 
 
@@ -194,3 +197,46 @@ def test_a_bad_results_spec_is_one_clear_line(tmp_path) -> None:
     assert "is not a results spec: seeds:" in result.output
     assert "configurations.a.sett: Extra inputs are not permitted" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_results_page_takes_exactly_its_configurations_and_seeds(tmp_path) -> None:
+    """The spec's runs only: the latest run per configuration × seed whose params are the
+    project's params with the spec's overrides; a third seed and other params are ignored; a
+    target configuration reads its variant runs; a missing pair is named with the command."""
+    from pathlib import Path
+
+    import yaml
+
+    from foodtransfer.resultspage import (ResultsSpec, ResultsSpecError, expected_params,
+                                          spec_executions)
+
+    base = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    spec = ResultsSpec.model_validate({
+        "title": "t", "experiment": "e", "seeds": [1, 2], "set": {"epochs": 5},
+        "configurations": {"plain": {}, "heads": {"target": "dropout",
+                                                  "grid": {"dropout": [0.2, 0.4]}}}})
+    expected = expected_params(spec, base)
+    assert list(expected) == ["plain", "heads dropout=0.2", "heads dropout=0.4"]
+    assert expected["plain"]["epochs"] == "5" and expected["plain"]["dropout"] == "0.6"
+    assert expected["heads dropout=0.2"]["dropout"] == "0.2"
+
+    def logged(run_id, label, seed, kind="pipeline", variant=None, **changed):
+        run = make_run(run_id, kind=kind, seed=seed, variant=variant)
+        run.data.params = {**expected[label], "seed": str(seed), **changed}
+        run.data.metrics = {"test_accuracy": 0.5} if variant else {"dropout_test_accuracy": 0.5}
+        return run
+
+    runs = [logged("old", "plain", 1), logged("p1", "plain", 1), logged("p2", "plain", 2),
+            logged("p3", "plain", 3),  # a third seed: not the spec's
+            logged("x1", "plain", 1, epochs="6"),  # other params: not the spec's
+            *[logged(f"h{v}{s}", f"heads dropout=0.{v}", s, "variant", "dropout")
+              for v in (2, 4) for s in (1, 2)]]
+    found = spec_executions(spec, runs, base, Path("spec.yaml"))
+    assert [e.run_id for e in found] == ["p1", "p2", "h21", "h22", "h41", "h42"]
+    assert found[2].metrics == {"dropout_test_accuracy": 0.5}
+    assert found[2].variant_runs == {"dropout": "h21"}
+    with pytest.raises(ResultsSpecError, match=r"2 of the spec's configuration × seed pairs "
+                                               r"\(plain seed 2; heads dropout=0.4 seed 2\).*"
+                                               r"foodtransfer results spec.yaml --run"):
+        spec_executions(spec, [r for r in runs if r.info.run_id not in ("p2", "h42")], base,
+                        Path("spec.yaml"))

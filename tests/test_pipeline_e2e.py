@@ -268,6 +268,7 @@ def test_a_deployed_model_that_differs_from_the_evaluated_one_fails_the_stage(
     from foodtransfer.stages import transfer
 
     repo = pipeline["repo"]
+    monkeypatch.chdir(repo)  # the weights param names a file under weights/
     params = load_params(repo / "params.yaml")
     assert params.features.tta  # the evaluated probabilities are mirror-averaged
     real = classifiers.build_image_classifier
@@ -276,7 +277,6 @@ def test_a_deployed_model_that_differs_from_the_evaluated_one_fails_the_stage(
         return real(extractor, head, image_size=image_size, tta=False)
 
     monkeypatch.setattr(transfer, "build_image_classifier", without_mirror)
-    monkeypatch.chdir(repo)  # the weights param names a file under weights/
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     outputs = VariantPaths(*(tmp_path / "out" / name for name in
@@ -846,32 +846,55 @@ def test_compare_aggregates_seeds_and_draws_the_sweep(seeded):
     assert any(key.endswith("/finetune/test_accuracy_mean") for key in comparison.data.metrics)
 
 
-def test_the_results_page_regenerates_from_the_store(seeded):
-    """`foodtransfer results SPEC` writes compare's page from the store under a header that
-    names the spec; the spec's queue commands are the ones that made these runs."""
+def test_the_results_page_is_exactly_its_spec(seeded):
+    """`foodtransfer results SPEC` draws the page from exactly the spec's configurations ×
+    seeds (seed 7 here: the seed-42 runs of the same configurations are left out), under a
+    header that names the spec; a configuration the store lacks is refused by name, with the
+    command that runs it, and nothing is written."""
+    from mlflow import MlflowClient
+
     from foodtransfer.resultspage import load_spec, queue_commands
 
     repo, env = seeded["repo"], seeded["env"]
+    script = str(Path(sys.executable).parent / "foodtransfer")
     spec_path = repo / "docs" / "results" / "tiny.yaml"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump({
-        "title": "Tiny", "experiment": "e2e", "seeds": [7],
-        "configurations": {"sweep": {"grid": {"dropout": [0.3, 0.6]}}}}))
+    spec = {"title": "Tiny", "experiment": "e2e", "seeds": [7],
+            "configurations": {"sweep": {"grid": {"dropout": [0.3, 0.6]}}}}
+    spec_path.write_text(yaml.safe_dump(spec))
     assert queue_commands(load_spec(spec_path))[0] == [
         "dvc", "exp", "run", "--queue", "-S", "mlflow.experiment=e2e", "-S",
         "dropout=0.3,0.6", "-S", "seed=7"]
-    written = run([str(Path(sys.executable).parent / "foodtransfer"), "results",
-                   "docs/results/tiny.yaml"], repo, env)
-    assert "compared 4 pipeline runs in 2 configurations" in written.stdout, written.stdout
+    written = run([script, "results", "docs/results/tiny.yaml"], repo, env)
+    assert "2 runs of 1 configurations × 1 seeds in 2 groups" in written.stdout, written.stdout
     page = (repo / "docs" / "results" / "tiny" / "experiments.md").read_text()
     assert page.startswith("# Tiny\n") and "[tiny.yaml](../tiny.yaml)" in page, page[:400]
     assert "dropout=0.3" in page and "dropout=0.6" in page
     frame = pd.read_csv(repo / "docs" / "results" / "tiny" / "experiments.csv")
-    compared = pd.read_csv(repo / "reports" / "experiments.csv")
-    assert frame[["variant", "dropout", "test_accuracy_mean"]].equals(
-        compared[["variant", "dropout", "test_accuracy_mean"]])
-    assert all(name in page for name in VARIANTS)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    seven = {p.data.params["dropout"]: p for p in client.search_runs(
+        [experiment.experiment_id], "tags.run_kind = 'pipeline' and params.seed = '7'")}
+    assert set(seven) == {"0.3", "0.6"}
+    for _, row in frame.iterrows():  # one seed each: the seed-7 run's numbers, nothing pooled
+        assert row["seeds"] == 1
+        assert row["test_accuracy_mean"] == pytest.approx(
+            seven[f"{row['dropout']:g}"].data.metrics[f"{row['variant']}_test_accuracy"])
+    assert set(frame["variant"]) == set(VARIANTS)
     assert (repo / "docs" / "results" / "tiny" / "experiments.png").stat().st_size > 1000
+
+    spec["configurations"]["other"] = {"set": {"dropout": 0.45}}
+    spec["seeds"] = [7, 42]
+    (repo / "docs" / "results" / "wider.yaml").write_text(yaml.safe_dump(spec))
+    refused = subprocess.run([script, "results", "docs/results/wider.yaml"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr
+    # Seed 42 of the sweep's two configurations exists (the first repro and drop03).
+    assert "2 of the spec's configuration × seed pairs (other seed 7; other seed 42)" \
+        in message, message
+    assert "foodtransfer results docs/results/wider.yaml --run" in message
+    assert not (repo / "docs" / "results" / "wider").exists()
 
 
 def test_compare_refuses_an_unknown_experiment(seeded):

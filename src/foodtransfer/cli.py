@@ -112,6 +112,10 @@ def compare(
         False, "--pool-code-versions",
         help="Average runs of different code as one configuration (by default runs whose "
              "code differs, tag code_version, are kept apart)."),
+    against: str | None = typer.Option(
+        None, "--against", metavar="KEY=VALUE",
+        help="The configuration the others are compared with, by its swept params (e.g. "
+             "--against dropout=0.6; default: the first)."),
     out: Path = typer.Option(Path("reports"), "--out",
                              help="Where experiments.md, .csv and .png go."),
     params: Path = typer.Option(Path("params.yaml"),
@@ -124,7 +128,8 @@ def compare(
 
         name = experiment or _params_or_defaults(params).mlflow.experiment
         summary = compare_runs(list(experiments or []), name, out, data_version,
-                               list(where or []), pool_code_versions=pool_code_versions)
+                               list(where or []), pool_code_versions=pool_code_versions,
+                               against=against)
     typer.echo(f"compare: {summary}")
 
 

@@ -32,7 +32,9 @@ from foodtransfer.errors import UserError
 from foodtransfer.evaluation import right_per_image
 from foodtransfer.markdown import experiments_markdown
 from foodtransfer.tracking.runs import OUTPUTS_TAG, PUBLISHED
-from foodtransfer.uncertainty import mean_and_sd, pooled_interval
+from foodtransfer.uncertainty import (MIN_SEEDS, ConfigurationDifference, configuration_difference,
+                                      holm_adjusted, image_bootstrap_sd, mean_and_sd,
+                                      pooled_interval, seed_image_interval)
 
 log = logging.getLogger(__name__)
 
@@ -270,13 +272,18 @@ def correctness(client, run_id: str, cache: Path) -> pd.Series:
 
 @dataclass
 class Summary:
-    """One variant in one group: mean ± sd over seeds and the pooled interval."""
+    """One variant in one group: mean ± sd over seeds, the image-only interval (``pooled``:
+    the seeds held fixed, test images resampled) and the seed-and-image interval (``both``:
+    a two-level bootstrap, None under MIN_SEEDS seeds)."""
 
     group: Group
     variant: str
     seeds: list[str]
     values: dict[str, list[float]]
     pooled: tuple[float, float] | None
+    both: tuple[float, float] | None = None
+    image_sd: float | None = None
+    correct: pd.DataFrame | None = None  # seeds x test images (columns: image ids, sorted)
 
     def mean_sd(self, metric: str) -> tuple[float, float]:
         values = self.values.get(metric) or [math.nan]
@@ -286,6 +293,26 @@ class Summary:
         """``0.853 ± 0.012`` (the mean alone for one seed)."""
         mean, sd = self.mean_sd(metric)
         return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+    def narrower_by(self) -> str | None:
+        """Which more data narrows the interval most: "seeds" when the seeds' spread of the
+        accuracy exceeds the test images' share, else "test images" (None: not known)."""
+        seed_sd = self.mean_sd("test_accuracy")[1]
+        if self.image_sd is None or math.isnan(seed_sd) or len(self.seeds) < MIN_SEEDS:
+            return None
+        # The mean over k seeds varies by seed_sd / sqrt(k) from the seeds alone.
+        return "seeds" if seed_sd / math.sqrt(len(self.seeds)) > self.image_sd else "test images"
+
+
+@dataclass
+class Difference:
+    """One variant: a configuration's accuracy minus the reference configuration's."""
+
+    variant: str
+    group: Group
+    reference: Group
+    result: ConfigurationDifference
+    holm_p: float = math.nan
 
 
 def summarise(client, groups: list[Group], cache: Path) -> list[Summary]:
@@ -299,12 +326,55 @@ def summarise(client, groups: list[Group], cache: Path) -> list[Summary]:
                                if f"{variant}_{metric}" in e.metrics] for metric in METRICS}
             rows = [correctness(client, e.variant_runs[variant], cache / e.run_id / variant)
                     for e in runs if variant in e.variant_runs]
-            pooled = None
+            summary = Summary(entry, variant, [e.seed for e in runs], values, None)
             if rows and all(set(row.index) == set(rows[0].index) for row in rows):
-                pooled = pooled_interval(np.stack([row.loc[rows[0].index].to_numpy()
-                                                   for row in rows]))
-            summaries.append(Summary(entry, variant, [e.seed for e in runs], values, pooled))
+                order = sorted(rows[0].index)
+                correct = pd.DataFrame([row.loc[order].to_numpy() for row in rows],
+                                       columns=order)
+                matrix = correct.to_numpy(dtype=bool)
+                summary.pooled = pooled_interval(matrix)
+                summary.both = seed_image_interval(matrix)
+                summary.image_sd = image_bootstrap_sd(matrix)
+                summary.correct = correct
+            summaries.append(summary)
     return summaries
+
+
+def differences(summaries: list[Summary], groups: list[Group], reference: Group
+                ) -> list[Difference]:
+    """Each other configuration against ``reference``, per variant, on the test images both
+    share (two-level bootstrap; Holm-adjusted across all the comparisons)."""
+    found = []
+    by_key = {(s.group.key, s.variant): s for s in summaries}
+    for entry in groups:
+        if entry is reference:
+            continue
+        for variant in VARIANTS:
+            mine, theirs = by_key.get((entry.key, variant)), by_key.get((reference.key, variant))
+            if mine is None or theirs is None or mine.correct is None or theirs.correct is None:
+                continue
+            if list(mine.correct.columns) != list(theirs.correct.columns):
+                continue  # other test images: not paired
+            found.append(Difference(variant, entry, reference, configuration_difference(
+                mine.correct.to_numpy(dtype=bool), theirs.correct.to_numpy(dtype=bool))))
+    for difference, adjusted in zip(found, holm_adjusted([d.result.p_value for d in found])):
+        difference.holm_p = adjusted
+    return found
+
+
+def reference_group(groups: list[Group], swept: list[str], against: str | None) -> Group:
+    """The group others are compared with: the first, or the one ``against`` names
+    (``key=value[,key=value]`` of the swept params, or the label experiments.md prints)."""
+    if against is None:
+        return groups[0]
+    wanted = dict(part.strip().split("=", 1) for part in against.split(",") if "=" in part)
+    for entry in groups:
+        values = dict(entry.key)
+        if entry.label(swept) == against or (wanted and all(
+                _same_value(value, values.get(key)) for key, value in wanted.items())):
+            return entry
+    raise CompareError(f"--against {against!r} names none of the configurations: "
+                       f"{'; '.join(g.label(swept) for g in groups)}.")
 
 
 # -------------------------------------------------------------------------------- output
@@ -318,6 +388,9 @@ def experiments_frame(summaries: list[Summary], swept: list[str]) -> pd.DataFram
             row[f"{metric}_mean"], row[f"{metric}_sd"] = summary.mean_sd(metric)
         row["test_accuracy_pooled_ci_low"] = summary.pooled[0] if summary.pooled else None
         row["test_accuracy_pooled_ci_high"] = summary.pooled[1] if summary.pooled else None
+        row["test_accuracy_seed_image_ci_low"] = summary.both[0] if summary.both else None
+        row["test_accuracy_seed_image_ci_high"] = summary.both[1] if summary.both else None
+        row["test_accuracy_image_sd"] = summary.image_sd
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -327,7 +400,9 @@ def comparison_metrics(frame: pd.DataFrame, swept: list[str]) -> dict[str, float
     for _, row in frame.iterrows():
         label = "_".join(f"{name}_{row[name]}" for name in swept) or "all"
         for column in ("test_accuracy_mean", "test_accuracy_sd", "test_accuracy_pooled_ci_low",
-                       "test_accuracy_pooled_ci_high", "best_val_accuracy_mean"):
+                       "test_accuracy_pooled_ci_high", "test_accuracy_seed_image_ci_low",
+                       "test_accuracy_seed_image_ci_high", "test_accuracy_image_sd",
+                       "best_val_accuracy_mean"):
             value = row[column]
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 metrics[f"{label}/{row['variant']}/{column}"[:250]] = float(value)
@@ -335,33 +410,34 @@ def comparison_metrics(frame: pd.DataFrame, swept: list[str]) -> dict[str, float
 
 
 # --------------------------------------------------------------------------------- entry
-def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
-            where: list[str] | None = None, log_run: bool = True,
-            pool_code_versions: bool = False) -> str:
-    """Compare the pipeline executions ``names`` (all when empty) of ``experiment`` whose
-    params match ``where`` (``key=value``); write ``out/experiments.{md,csv,png}`` and log
-    them as a ``comparison`` run. Returns a one-line summary."""
-    import mlflow
+def difference_metrics(found: list[Difference], swept: list[str]) -> dict[str, float]:
+    metrics = {}
+    for difference in found:
+        label = "_".join(f"{name}_{dict(difference.group.key).get(name)}" for name in swept)
+        result = difference.result
+        for name, value in (("diff", result.difference), ("diff_ci_low", result.ci_low),
+                            ("diff_ci_high", result.ci_high), ("diff_p", result.p_value),
+                            ("diff_p_holm", difference.holm_p)):
+            metrics[f"{label}/{difference.variant}/test_accuracy_{name}"[:250]] = float(value)
+    return metrics
 
+
+def write_comparison(client, executions: list[Execution], unfinished: list[Unfinished],
+                     experiment: str, out: Path, *, log_run: bool = True,
+                     pool_code_versions: bool = False, against: str | None = None
+                     ) -> tuple[list[Group], list[str], str | None]:
+    """Group ``executions``, summarise them and write ``out/experiments.{md,csv,png}``, logged
+    as a ``comparison`` run when ``log_run``. Returns the groups, the swept params and the
+    comparison run's id."""
     from foodtransfer import plots
     from foodtransfer.atomic import write_text
     from foodtransfer.tracking.runs import NOTE_TAG, tracked_run
-    from foodtransfer.tracking.store import connect_existing
 
-    experiment_id = connect_existing(experiment)
-    client = mlflow.MlflowClient()
-    executions, unfinished = select(_all_runs(client, experiment_id), names, experiment)
-    if not executions:
-        detail = (f"; not finished: {', '.join(f'{u.name} ({u.status})' for u in unfinished)}"
-                  if unfinished else "")
-        raise CompareError(f"no finished pipeline run to compare in the MLflow experiment "
-                           f"{experiment!r}{detail}: run 'dvc repro' or 'dvc exp run' first.")
-    if where:
-        executions = filter_params(executions, where)
-    executions = check_data_versions(executions, data_version)
     groups, swept = group(executions, pool_code_versions)
+    reference = reference_group(groups, swept, against)
     with tempfile.TemporaryDirectory() as cache:
         summaries = summarise(client, groups, Path(cache))
+    found = differences(summaries, groups, reference)
     frame = experiments_frame(summaries, swept)
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "experiments.png"
@@ -380,16 +456,45 @@ def compare(names: list[str], experiment: str, out: Path, data_version: str | No
                          tags) as run:
             run_id = run.run_id
             text = experiments_markdown(experiment, executions, groups, swept, summaries,
-                                        unfinished, run_id)
+                                        unfinished, run_id, found)
             write_text(out / "experiments.md", text)
-            run.log_metrics(comparison_metrics(frame, swept))
+            run.log_metrics({**comparison_metrics(frame, swept),
+                             **difference_metrics(found, swept)})
             for name in OUTPUT_FILES:
                 if (out / name).exists():
                     run.log_artifact(out / name)
             run.set_tags({NOTE_TAG: text[:7900]})
     else:
         write_text(out / "experiments.md", experiments_markdown(
-            experiment, executions, groups, swept, summaries, unfinished, None))
+            experiment, executions, groups, swept, summaries, unfinished, None, found))
+    return groups, swept, run_id
+
+
+def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
+            where: list[str] | None = None, log_run: bool = True,
+            pool_code_versions: bool = False, against: str | None = None) -> str:
+    """Compare the pipeline executions ``names`` (all when empty) of ``experiment`` whose
+    params match ``where`` (``key=value``); write ``out/experiments.{md,csv,png}`` and log
+    them as a ``comparison`` run. Returns a one-line summary."""
+    import mlflow
+
+    from foodtransfer.tracking.store import connect_existing
+
+    experiment_id = connect_existing(experiment)
+    client = mlflow.MlflowClient()
+    executions, unfinished = select(_all_runs(client, experiment_id), names, experiment)
+    if not executions:
+        detail = (f"; not finished: {', '.join(f'{u.name} ({u.status})' for u in unfinished)}"
+                  if unfinished else "")
+        raise CompareError(f"no finished pipeline run to compare in the MLflow experiment "
+                           f"{experiment!r}{detail}: run 'dvc repro' or 'dvc exp run' first.")
+    if where:
+        executions = filter_params(executions, where)
+    executions = check_data_versions(executions, data_version)
+    groups, swept, run_id = write_comparison(client, executions, unfinished, experiment, out,
+                                             log_run=log_run,
+                                             pool_code_versions=pool_code_versions,
+                                             against=against)
     return (f"compared {len(executions)} pipeline runs in {len(groups)} configuration"
             f"{'s' * (len(groups) != 1)}" + (f" (swept: {', '.join(swept)})" if swept else "")
             + (f"; not included: {len(unfinished)} unfinished" if unfinished else "")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from foodtransfer.tracking.registry import CHAMPION_ALIAS
-from foodtransfer.uncertainty import SIGNIFICANCE, PairedDifference, holm_adjusted
+from foodtransfer.uncertainty import MIN_SEEDS, SIGNIFICANCE, PairedDifference, holm_adjusted
 
 MINUS = "\u2212"
 
@@ -223,9 +223,11 @@ def comparison_markdown(results: dict[str, Any], champion: str,
 
 def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Sequence[Any],
                          swept: list[str], summaries: Sequence[Any],
-                         unfinished: Sequence[Any], comparison_run_id: str | None) -> str:
+                         unfinished: Sequence[Any], comparison_run_id: str | None,
+                         differences: Sequence[Any] = ()) -> str:
     """``experiments.md``: what `foodtransfer compare` found (its executions, configurations,
-    per-variant summaries and unfinished runs, see :mod:`foodtransfer.compare`)."""
+    per-variant summaries, differences between configurations and unfinished runs, see
+    :mod:`foodtransfer.compare`)."""
     versions = sorted({e.data_version for e in executions})
     lines = ["# Food-101 transfer learning: experiments compared", "",
              f"MLflow experiment `{experiment}` · data version `{', '.join(versions)}` · "
@@ -235,18 +237,54 @@ def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Seq
     if swept:
         lines += [f"The configurations differ in {', '.join(f'`{s}`' for s in swept)}"
                   " (see experiments.png); within one, the runs differ only in `seed`.", ""]
-    lines += ["Mean ± standard deviation over seeds; the pooled interval is a 95 % bootstrap "
-              "interval of the seed-averaged test accuracy, resampling test images (each with "
-              "every seed's answer).", ""]
+    lines += ["Mean ± standard deviation over seeds. Two 95 % bootstrap intervals of the "
+              "seed-averaged test accuracy: **seeds + images** answers \"what will this "
+              "configuration score when trained again and tested on other images\" (a "
+              "two-level bootstrap: the seeds, then the test images); **images only** holds "
+              "these seeds fixed and resamples the test images (each with every seed's "
+              f"answer). The seed level needs at least {MIN_SEEDS} seeds: with fewer, the "
+              "seed share cannot be estimated (`n/a`).", ""]
     rows = [[summary.group.label(swept), summary.variant, str(len(summary.seeds)),
              summary.mean_sd_text("test_accuracy"),
+             (f"[{summary.both[0]:.3f}, {summary.both[1]:.3f}]" if summary.both
+              else f"n/a (< {MIN_SEEDS} seeds)" if summary.pooled else "-"),
              (f"[{summary.pooled[0]:.3f}, {summary.pooled[1]:.3f}]" if summary.pooled
               else "-"),
              summary.mean_sd_text("test_macro_f1"),
              summary.mean_sd_text("best_val_accuracy")] for summary in summaries]
-    lines += table(("configuration", "variant", "seeds", "test accuracy", "pooled 95 % CI",
-                    "test macro F1", "validation accuracy"), rows,
-                   [False, False, True, True, True, True, True])
+    lines += table(("configuration", "variant", "seeds", "test accuracy",
+                    "seeds + images 95 % CI", "images only 95 % CI", "test macro F1",
+                    "validation accuracy"), rows,
+                   [False, False, True, True, True, True, True, True])
+    lines += ["", "## Where the uncertainty comes from", "",
+              "The sd of test accuracy over seeds (training) beside the sd of the "
+              "seed-averaged accuracy when only the test images are resampled (test set).", ""]
+    shares = []
+    for summary in summaries:
+        seed_sd = summary.mean_sd("test_accuracy")[1]
+        more = summary.narrower_by()
+        shares.append([summary.group.label(swept), summary.variant,
+                       number(seed_sd), number(summary.image_sd),
+                       (f"more {more}" if more else f"n/a (< {MIN_SEEDS} seeds)")])
+    lines += table(("configuration", "variant", "sd over seeds", "sd from test images",
+                    "narrows the interval most"), shares, [False, False, True, True, False])
+    if differences:
+        reference = differences[0].reference.label(swept)
+        lines += ["", "## Differences between configurations", "",
+                  f"Test accuracy of each configuration minus the reference ({reference}; "
+                  "`--against` chooses another), per variant, on the same test images: a "
+                  "two-level bootstrap (each configuration's seeds, then the shared images) "
+                  "gives the 95 % interval and a two-sided p-value; Holm adjusts the p-values "
+                  "across all the comparisons below.", ""]
+        lines += table(
+            ("configuration", "variant", "seeds", "difference", "95 % CI", "p", "Holm p",
+             "significant"),
+            [[d.group.label(swept), d.variant, f"{d.result.seeds_a} vs {d.result.seeds_b}",
+              f"{points(d.result.difference)} points",
+              f"[{points(d.result.ci_low)}, {points(d.result.ci_high)}]",
+              p_value(d.result.p_value), p_value(d.holm_p),
+              "yes" if d.holm_p < SIGNIFICANCE else "no"] for d in differences],
+            [False, False, True, True, True, True, True, False])
     lines += ["", "## Runs compared", ""]
     lines += table(
         ("pipeline run", "DVC experiment", "seed", "configuration"),

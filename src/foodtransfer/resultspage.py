@@ -2,11 +2,13 @@
 
 A spec (YAML, in the repository: ``docs/results/<name>.yaml``) holds everything a results page
 depends on: the MLflow experiment, the ``-S`` overrides every configuration shares, the
-configurations (name → overrides, optionally a stage to run up to), the seeds and the
-``compare --where`` filter. ``--run`` queues every configuration × seed as a DVC experiment
-and runs the queue; without it the page is drawn from the runs already in the store. The page
-is ``foodtransfer compare``'s output (``experiments.md``, ``.csv``, ``.png``) under a header
-that names the spec and the command, so anyone with the same photographs re-runs it and diffs.
+configurations (name → overrides, optionally a variant stage to run up to) and the seeds.
+``--run`` queues every configuration × seed as a DVC experiment and runs the queue; without it
+the page is drawn from the runs already in the store: exactly one run per configuration ×
+seed (the latest whose params are the project's params.yaml with the spec's overrides),
+never any other run of the experiment, and a refusal naming the missing ones. The page is
+``foodtransfer compare``'s output (``experiments.md``, ``.csv``, ``.png``) under a header that
+names the spec and the command, so anyone with the same photographs re-runs it and diffs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ class ResultsSpec(BaseModel):
     seeds: list[int] = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)  # -S overrides shared by all
     configurations: dict[str, Configuration] = Field(min_length=1)
-    where: dict[str, Any] = Field(default_factory=dict)  # compare --where KEY=VALUE
     prepare: list[str] = Field(default_factory=list)  # shell commands run once before --run
 
 
@@ -110,14 +111,109 @@ def run_spec(spec: ResultsSpec, echo=print) -> None:
         subprocess.run(command, check=True)
 
 
-def write_page(spec: ResultsSpec, spec_path: Path, out: Path) -> str:
-    """Write ``out/experiments.{md,csv,png}`` from the store (no MLflow run is logged:
-    the page is documentation, not an experiment). Returns compare's summary."""
-    from foodtransfer.atomic import write_text
-    from foodtransfer.compare import compare
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, key = dotted.split(".")
+    for section in sections:
+        raw = raw.setdefault(section, {})
+    raw[key] = os.path.expandvars(value) if isinstance(value, str) else value
 
-    where = [f"{key}={_value(value)}" for key, value in spec.where.items()]
-    summary = compare([], spec.experiment, out, where=where, log_run=False)
+
+def expected_params(spec: ResultsSpec, base: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """{configuration label: the flat params (as MLflow logs them, ``seed`` left out) its runs
+    have}: ``base`` (the project's params.yaml, as the queue starts from it) with the spec's
+    overrides, one entry per configuration and grid value."""
+    import copy
+    import itertools
+
+    from foodtransfer.config import flatten, parse_params
+
+    expected = {}
+    for name, configuration in spec.configurations.items():
+        keys = list(configuration.grid)
+        for values in itertools.product(*configuration.grid.values()) if keys else [()]:
+            raw = copy.deepcopy(base)
+            for key, value in {"mlflow.experiment": spec.experiment, **spec.set,
+                               **configuration.set, **dict(zip(keys, values))}.items():
+                _set(raw, key, value)
+            label = name + "".join(f" {key}={_value(value)}" for key, value in zip(keys, values))
+            flat = flatten(parse_params(raw))
+            expected[label] = {key: "null" if value is None else str(value)
+                               for key, value in flat.items() if key != "seed"}
+    return expected
+
+
+def _matches(params: dict[str, str], expected: dict[str, str]) -> bool:
+    from foodtransfer.compare import _same_value
+
+    return all(_same_value(value, params.get(key)) for key, value in expected.items())
+
+
+def spec_executions(spec: ResultsSpec, runs: list, base: dict[str, Any], spec_path: Path
+                    ) -> list:
+    """The executions of exactly the spec's configurations × seeds, the latest finished one of
+    each; a ResultsSpecError names the ones missing and the command that makes them. A
+    configuration with a ``target`` that is a variant stage is read from that variant's runs
+    (it has no pipeline run); the others from their pipeline runs."""
+    from foodtransfer.compare import _execution
+    from foodtransfer.tracking.runs import OUTPUTS_TAG, PUBLISHED
+    from foodtransfer.variants import NAMES
+
+    finished = [run for run in runs if run.info.status == "FINISHED"
+                and run.data.tags.get(OUTPUTS_TAG, PUBLISHED) == PUBLISHED]
+    found, missing = [], []
+    for label, expected in expected_params(spec, base).items():
+        target = spec.configurations[label.split(" ")[0]].target
+        if target and target not in NAMES:
+            raise ResultsSpecError(f"configuration {label.split(' ')[0]!r}: target {target!r} "
+                                   f"is not a variant stage ({', '.join(NAMES)}): its runs "
+                                   "would have no metrics to show.")
+        kind, variant = ("variant", target) if target else ("pipeline", None)
+        candidates = [run for run in finished if run.data.tags.get("run_kind") == kind
+                      and (variant is None or run.data.tags.get("variant") == variant)
+                      and _matches(run.data.params, expected)]
+        for seed in spec.seeds:
+            mine = [run for run in candidates if run.data.params.get("seed") == str(seed)]
+            if not mine:
+                missing.append(f"{label} seed {seed}")
+                continue
+            latest = max(mine, key=lambda run: run.info.start_time or 0)
+            execution = _execution(latest)
+            if variant is not None:  # a variant run stands for an execution of that variant
+                execution.metrics = {f"{variant}_{key}": value
+                                     for key, value in latest.data.metrics.items()}
+                execution.tags = {**execution.tags, f"variant_run_id.{variant}": execution.run_id}
+            found.append(execution)
+    if missing:
+        raise ResultsSpecError(
+            f"the store has no finished run of {len(missing)} of the spec's configuration × "
+            f"seed pairs ({'; '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}), "
+            "with the params of this project's params.yaml and the spec's overrides. Run "
+            f"them: foodtransfer results {spec_path} --run")
+    return found
+
+
+def write_page(spec: ResultsSpec, spec_path: Path, out: Path,
+               params_path: Path = Path("params.yaml")) -> str:
+    """Write ``out/experiments.{md,csv,png}`` from exactly the spec's runs in the store (no
+    MLflow run is logged: the page is documentation, not an experiment). Returns a summary."""
+    import mlflow
+
+    from foodtransfer.atomic import write_text
+    from foodtransfer.compare import _all_runs, check_data_versions, write_comparison
+    from foodtransfer.tracking.store import connect_existing
+
+    try:
+        base = yaml.safe_load(params_path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ResultsSpecError(f"cannot read {params_path} (the params the spec's overrides "
+                               f"apply to): {error}") from error
+    experiment_id = connect_existing(spec.experiment)
+    client = mlflow.MlflowClient()
+    executions = spec_executions(spec, _all_runs(client, experiment_id), base, spec_path)
+    executions = check_data_versions(executions, None)
+    groups, swept, _ = write_comparison(client, executions, [], spec.experiment, out,
+                                        log_run=False)
     page = out / "experiments.md"
     write_text(page, header(spec, spec_path, out) + page.read_text())
-    return summary
+    return (f"{len(executions)} runs of {len(spec.configurations)} configurations × "
+            f"{len(spec.seeds)} seeds in {len(groups)} groups; wrote {page}")

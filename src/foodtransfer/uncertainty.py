@@ -153,3 +153,96 @@ def mean_and_sd(values: list[float]) -> tuple[float, float]:
     mean = float(np.mean(values))
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     return mean, sd
+
+
+# ------------------------------------------------------------ seeds and test images at once
+MIN_SEEDS = 3  # fewer: the seed share of the variance cannot be estimated
+_CHUNK = 250  # resamples per block (memory: block x images integers)
+
+
+def _seed_image_means(correct: np.ndarray, rng: np.random.Generator, resamples: int
+                      ) -> np.ndarray:
+    """Means of a two-level bootstrap of ``correct`` (seeds x images): per resample, draw the
+    seeds with replacement, then the images (with every drawn seed's answer on them)."""
+    seeds, images = correct.shape
+    means = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        block = min(_CHUNK, resamples - start)
+        chosen = rng.integers(0, seeds, size=(block, seeds))
+        right = correct[chosen].sum(axis=1)  # (block, images): 0..seeds right per image
+        # Resampling images only redraws how many images hold each count (the cells).
+        cells = np.stack([np.bincount(row, minlength=seeds + 1) for row in right])
+        draws = rng.multinomial(images, cells / images)
+        means[start:start + block] = draws @ np.arange(seeds + 1) / (images * seeds)
+    return means
+
+
+def seed_image_interval(correct: np.ndarray, *, resamples: int = RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
+                        ) -> tuple[float, float] | None:
+    """Interval of a configuration's accuracy over both sources of variance: the training
+    seed and the test images (a two-level bootstrap: seeds, then images; Bouthillier et al.
+    2021). ``correct`` is (seeds, images) on the same images. None with fewer than
+    :data:`MIN_SEEDS` seeds: their spread says too little to resample."""
+    correct = np.asarray(correct, bool)
+    if correct.shape[0] < MIN_SEEDS:
+        return None
+    rng = np.random.default_rng(seed)
+    return percentile_interval(_seed_image_means(correct, rng, resamples), confidence)
+
+
+def image_bootstrap_sd(correct: np.ndarray, *, resamples: int = RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> float:
+    """Standard deviation of the seed-averaged accuracy when only the test images are
+    resampled (the seeds held fixed): the test set's share of the uncertainty."""
+    correct = np.asarray(correct, bool)
+    runs = correct.shape[0]
+    counts = np.bincount(correct.sum(axis=0), minlength=runs + 1)
+    draws = resample_cells(counts, resamples, seed)
+    return float(np.std(draws @ np.arange(runs + 1) / (correct.shape[1] * runs), ddof=1))
+
+
+@dataclass(frozen=True)
+class ConfigurationDifference:
+    """Accuracy of configuration A minus B (each over its seeds) on the same test images,
+    with a two-level bootstrap interval and p-value (seeds of each resampled, images shared)."""
+
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    seeds_a: int
+    seeds_b: int
+
+
+def configuration_difference(correct_a: np.ndarray, correct_b: np.ndarray, *,
+                             resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                             confidence: float = CONFIDENCE) -> ConfigurationDifference:
+    """A − B for two configurations' (seeds x images) results on the same images: per
+    resample each configuration's seeds are drawn with replacement, then the images, shared by
+    both (paired). The p-value is the two-sided bootstrap one (twice the smaller share of
+    resampled differences on either side of zero). With one seed on a side, that side's
+    seed variance is not resampled (the seed share is then missing from the interval)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not a.shape[1]:
+        raise ValueError(f"need (seeds, images) results on the same images, got {a.shape} "
+                         f"and {b.shape}")
+    rng = np.random.default_rng(seed)
+    (seeds_a, images), seeds_b = a.shape, len(b)
+    # An image's cell: how many drawn seeds of A and of B got it right.
+    value = (np.arange(seeds_a + 1)[:, None] / seeds_a
+             - np.arange(seeds_b + 1)[None, :] / seeds_b).ravel()
+    differences = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        block = min(_CHUNK, resamples - start)
+        right_a = a[rng.integers(0, seeds_a, size=(block, seeds_a))].sum(axis=1)
+        right_b = b[rng.integers(0, seeds_b, size=(block, seeds_b))].sum(axis=1)
+        cell = right_a * (seeds_b + 1) + right_b
+        cells = np.stack([np.bincount(row, minlength=len(value)) for row in cell])
+        draws = rng.multinomial(images, cells / images)
+        differences[start:start + block] = draws @ value / images
+    low, high = percentile_interval(differences, confidence)
+    tail = min(np.sum(differences <= 0), np.sum(differences >= 0))
+    p_value = float(min(1.0, 2 * (tail + 1) / (resamples + 1)))
+    return ConfigurationDifference(float(a.mean() - b.mean()), low, high, p_value,
+                                   len(a), len(b))
