@@ -150,7 +150,8 @@ def test_progress_in_a_log_is_whole_lines_at_a_bounded_rate(pipeline):
                          r"accuracy \d\.\d{3}, val_loss \d\.\d{3}, val_accuracy \d\.\d{3}, "
                          r"lr [\d.e-]+, \d+\.\d\d s/epoch(, ETA <= \d+ (s|min \d\d s))?$",
                          output, re.M), stage
-        assert re.search(rf"^{stage}: kept the weights of epoch \d+, the best on validation",
+        assert re.search(rf"^{stage}: kept the weights of epoch \d+ of \d+: the best "
+                         r"validation accuracy \(ties: the lower validation loss\)",
                          output, re.M), stage
     for stage, what in (("trim", "decoded images"), ("features", "backbone passes")):
         assert re.search(rf"^{stage}: {what}: (\d+)/\1 images \(100 %\), [\d.]+ images/s, "
@@ -708,7 +709,7 @@ def test_the_mlflow_ui_opens_on_the_training_runs(pipeline):
             name = run["info"]["run_name"]
             note = run_tags["mlflow.note.content"]
             assert note.startswith(f"{name}: ") and "Test accuracy" in note, note
-            assert re.search(r"best epoch \d+ of \d+", note), note
+            assert re.search(r"kept epoch \d+ of \d+", note), note
             assert run_tags["device"].startswith("CPU (")
             inputs = run["inputs"]["dataset_inputs"]
             contexts = {next(t["value"] for t in item["tags"]

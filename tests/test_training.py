@@ -60,7 +60,8 @@ def run_fit(train, val, **overrides) -> tuple[keras.Model, History]:
 
 def test_fit_learns_separable_features_and_numbers_epochs_from_first_epoch() -> None:
     seen: list[dict] = []
-    head, history = run_fit(blobs(60, 1), blobs(30, 2), first_epoch=5, on_epoch=seen.append)
+    head, history = run_fit(blobs(60, 1), blobs(30, 2), first_epoch=5, on_epoch=seen.append,
+                            keep_epoch="val_loss")
     assert history.epochs_run == 30
     assert [row["epoch"] for row in history.rows] == list(range(5, 35))
     assert seen == history.rows
@@ -78,7 +79,8 @@ def test_fit_learns_separable_features_and_numbers_epochs_from_first_epoch() -> 
 
 def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights() -> None:
     train, val = noise(48, 1), noise(48, 2)
-    head, history = run_fit(train, val, epochs=50, patience=3, learning_rate=0.05)
+    head, history = run_fit(train, val, epochs=50, patience=3, learning_rate=0.05,
+                            keep_epoch="val_loss")
     assert history.epochs_run < 50
     best = history.best_epoch()
     last = history.rows[-1]["epoch"]
@@ -117,9 +119,41 @@ def test_cosine_schedule_decays_to_zero_over_the_run() -> None:
 def test_best_epoch_is_the_first_epoch_with_the_lowest_validation_loss() -> None:
     rows = [{"epoch": 7, "val_loss": 0.5}, {"epoch": 8, "val_loss": 0.3},
             {"epoch": 9, "val_loss": 0.3}, {"epoch": 10, "val_loss": 0.4}]
-    assert History(rows=rows).best_epoch() == 8
+    assert History(rows=rows, keep_epoch="val_loss").best_epoch() == 8
     assert History().best_epoch() == 0
     assert History().seconds_per_epoch == 0.0
+
+
+def test_each_rule_keeps_its_epoch_and_says_why() -> None:
+    """The fine-tune's case: the loss is lowest early, the accuracy best later."""
+    rows = [{"epoch": 4, "val_loss": 0.92, "val_accuracy": 0.733},
+            {"epoch": 6, "val_loss": 0.95, "val_accuracy": 0.768},
+            {"epoch": 8, "val_loss": 0.93, "val_accuracy": 0.768},  # tie: the lower loss
+            {"epoch": 10, "val_loss": 0.98, "val_accuracy": 0.761}]
+    assert History(rows=rows, keep_epoch="val_loss").best_epoch() == 4
+    assert History(rows=rows, keep_epoch="val_accuracy").best_epoch() == 8
+    assert History(rows=rows, keep_epoch="last").best_epoch() == 10
+    assert History(rows=rows).kept_line() == (
+        "kept the weights of epoch 8 of 10: the best validation accuracy (ties: the lower "
+        "validation loss) (val_accuracy 0.768, val_loss 0.9300)")
+
+
+def test_keeping_by_validation_accuracy_restores_that_epochs_weights() -> None:
+    train, val = noise(48, 1), noise(48, 2)
+    head, history = run_fit(train, val, epochs=40, patience=4, learning_rate=0.05,
+                            keep_epoch="val_accuracy")
+    best = history.best_epoch()
+    assert history.rows[-1]["epoch"] == best + 4 < 40  # stopped by the same rule
+    kept = next(row for row in history.rows if row["epoch"] == best)
+    restored = head.evaluate(*val, batch_size=16, verbose=0, return_dict=True)
+    assert restored["accuracy"] == pytest.approx(kept["val_accuracy"], abs=1e-6)
+    assert restored["loss"] == pytest.approx(kept["val_loss"], abs=1e-4)
+
+
+def test_keeping_the_last_epoch_trains_every_epoch() -> None:
+    head, history = run_fit(noise(48, 1), noise(48, 2), epochs=12, patience=2,
+                            learning_rate=0.05, keep_epoch="last")
+    assert history.epochs_run == 12 and history.best_epoch() == 12
 
 
 @pytest.mark.parametrize(("name", "cls"), [("nadam", keras.optimizers.Nadam),

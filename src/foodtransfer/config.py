@@ -179,6 +179,10 @@ class Params(Section):
     l1: Annotated[float, Field(ge=0)] = 1e-5
     l2: Annotated[float, Field(ge=0)] = 1e-5
     patience: PositiveInt = 10
+    # Which epoch's weights every training stage keeps: val_accuracy (the best validation
+    # accuracy, what is reported; ties: the lower validation loss), val_loss, or last (no
+    # early stopping). Early stopping follows the same rule.
+    keep_epoch: Literal["val_accuracy", "val_loss", "last"] = "val_accuracy"
     # Where training runs (foodtransfer.training.distribute): one device, all GPUs, or
     # several machines.
     strategy: StrategyName = "auto"

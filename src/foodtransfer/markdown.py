@@ -108,6 +108,7 @@ class ReportContext:
     registered_version: str | None = None
     registered_alias: str = CHAMPION_ALIAS
     run_owner: dict[str, str] | None = None  # variant -> pipeline run that trained it
+    keep_epoch: str | None = None  # the rule that chose each variant's kept epoch
 
 
 def _champion_lines(results: dict[str, Any], champion: str, runner_up: Pair | None,
@@ -170,7 +171,7 @@ def comparison_markdown(results: dict[str, Any], champion: str,
             f"{count(metrics.get('trainable_params'))} / {count(metrics.get('total_params'))}",
             run])
     lines += table(("variant", "test accuracy [95 % CI]", "test top-5 [95 % CI]",
-                    "test macro F1 [95 % CI]", "validation accuracy", "epochs", "best epoch",
+                    "test macro F1 [95 % CI]", "validation accuracy", "epochs", "kept epoch",
                     "s / epoch", "trainable / total params", "MLflow run"), rows,
                    [False] + [True] * 8 + [False])
     chance = results.get("baseline") and results["baseline"].metrics.get(
@@ -180,6 +181,12 @@ def comparison_markdown(results: dict[str, Any], champion: str,
               f"{len(classes)} classes; chance level is about {1 / len(classes):.3f}"
               + (f" (the untrained baseline scores {chance:.3f} on test)." if chance is not None
                  else "."), ""]
+    if context.keep_epoch:
+        from foodtransfer.training.hyperrule import KEEP_WHY
+
+        lines += [f"Kept epoch: each variant keeps the weights of the epoch with "
+                  f"{KEEP_WHY[context.keep_epoch]} (`keep_epoch={context.keep_epoch}`), chosen "
+                  "on validation only; early stopping follows the same rule.", ""]
     if pairs:
         lines += ["## Which differences hold", "",
                   "Each pair on the same test images: the accuracy difference with a paired "

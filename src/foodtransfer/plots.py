@@ -27,9 +27,14 @@ def save(figure: plt.Figure, path: Path) -> None:
     plt.close(figure)
 
 
+KEPT_BY = {"val_accuracy": "best val accuracy", "val_loss": "lowest val loss",
+           "last": "last epoch"}
+
+
 def learning_curves(rows: list[dict[str, float]], best_epoch: int, title: str,
-                    path: Path) -> None:
-    """Train vs validation loss and accuracy per epoch, the best epoch marked."""
+                    path: Path, keep_epoch: str | None = None) -> None:
+    """Train vs validation loss and accuracy per epoch, the kept epoch marked (and the rule
+    ``keep_epoch`` that kept it)."""
     epochs = [row["epoch"] for row in rows]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
@@ -37,8 +42,9 @@ def learning_curves(rows: list[dict[str, float]], best_epoch: int, title: str,
         axis.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in rows],
                   label=f"validation {metric}")
         if best_epoch:
+            why = f": {KEPT_BY[keep_epoch]}" if keep_epoch in KEPT_BY else ""
             axis.axvline(best_epoch, color="grey", linestyle="--",
-                         label=f"best epoch ({best_epoch})")
+                         label=f"kept epoch ({best_epoch}{why})")
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)

@@ -91,7 +91,7 @@ def description(what: str, metrics: dict[str, Any]) -> str:
     interval = f" [{low:.3f}, {high:.3f}] (95 % bootstrap interval)" if low is not None else ""
     return (f"{what} Test accuracy {metrics['test_accuracy']:.3f}{interval}, top-5 "
             f"{metrics['test_top5_accuracy']:.3f}, macro F1 {metrics['test_macro_f1']:.3f}; "
-            f"validation accuracy {metrics['best_val_accuracy']:.3f} at its best epoch "
+            f"validation accuracy {metrics['best_val_accuracy']:.3f} at its kept epoch "
             f"{metrics['best_epoch']} of {metrics['epochs_run']} trained; "
             f"{metrics.get('trainable_params', 0):,} of {metrics.get('total_params', 0):,} "
             "parameters trained.")
@@ -121,7 +121,8 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
         splits["test"], test.predicted, probabilities["test"], class_names))
     with atomic_dir(paths.artifacts) as tmp:
         plots.learning_curves(curve_rows or history.rows, best_epoch,
-                              f"{variant}: learning curves", tmp / "learning_curves.png")
+                              f"{variant}: learning curves", tmp / "learning_curves.png",
+                              keep_epoch=history.keep_epoch)
         plots.confusion_figure([(test.confusion, f"{variant}: test confusion matrix (accuracy "
                                                  f"{test.metrics['test_accuracy']:.3f})")],
                                class_names, tmp / "confusion.png")
@@ -215,7 +216,8 @@ def summary(metrics: dict[str, Any], history: History) -> str:
     """The stage's one-line summary (the stage runner puts the stage's name in front)."""
     return (f"test accuracy {metrics['test_accuracy']:.3f}, top-5 "
             f"{metrics['test_top5_accuracy']:.3f}, macro F1 {metrics['test_macro_f1']:.3f}; "
-            f"{history.epochs_run} epochs (best {history.best_epoch()}), "
+            f"{history.epochs_run} epochs (kept {history.best_epoch()}, by "
+            f"{history.keep_epoch}), "
             f"{history.seconds_per_epoch:.2f} s/epoch")
 
 

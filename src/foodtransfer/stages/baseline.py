@@ -38,7 +38,8 @@ def run(params: Params, trimmed: Path, split: Path, outputs: VariantPaths) -> st
             history = fit(model, train, val, epochs=config.epochs,
                           learning_rate=config.learning_rate, optimizer=params.optimizer,
                           lr_schedule=params.lr_schedule, patience=params.patience,
-                          num_classes=len(class_names), batch_size=batch,
+                          keep_epoch=params.keep_epoch, num_classes=len(class_names),
+                          batch_size=batch,
                           train_examples=len(splits["train"]), on_epoch=run.log_epoch)
         what = (f"baseline: a small CNN trained from scratch on the images (resized to "
                 f"{config.image_size} px{', augmented' if config.augment else ''}), no "

@@ -264,8 +264,8 @@ def run(params: Params, trimmed: Path, split: Path, bottom_cache: Path, start_mo
                               learning_rate=hyperrule.finetune_learning_rate(
                                   params.learning_rate, config.lr_scale),
                               optimizer=params.optimizer, lr_schedule=config.lr_schedule,
-                              patience=params.patience, num_classes=len(class_names),
-                              batch_size=params.batch_size,
+                              patience=params.patience, keep_epoch=params.keep_epoch,
+                              num_classes=len(class_names), batch_size=params.batch_size,
                               train_examples=len(splits["train"]), first_epoch=first_epoch,
                               on_epoch=run.log_epoch, label_smoothing=config.label_smoothing,
                               dataset_spans_epochs=data.cached)

@@ -367,7 +367,7 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
                 dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
                 registered_model=config.registered_model,
                 registered_version=registered_version, registered_alias=alias,
-                run_owner=owners)
+                run_owner=owners, keep_epoch=params.keep_epoch)
             markdown = comparison_markdown(results, champion, changed, context, pairs,
                                            against_runner_up)
             (tmp / "comparison.md").write_text(markdown)

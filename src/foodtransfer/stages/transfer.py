@@ -75,8 +75,9 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
             history = fit(head, (train_x, train_y), (cached["val"], splits["val"].labels),
                           epochs=params.epochs, learning_rate=params.learning_rate,
                           optimizer=params.optimizer, lr_schedule=params.lr_schedule,
-                          patience=params.patience, num_classes=len(class_names),
-                          batch_size=params.batch_size, train_examples=len(train_x),
+                          patience=params.patience, keep_epoch=params.keep_epoch,
+                          num_classes=len(class_names), batch_size=params.batch_size,
+                          train_examples=len(train_x),
                           on_epoch=run.log_epoch, seed=params.seed)
 
         def probabilities(name: str) -> np.ndarray:

@@ -43,3 +43,33 @@ def cosine_decay_steps(epochs: int, steps: int) -> int:
 def finetune_learning_rate(learning_rate: float, lr_scale: float) -> float:
     """Fine-tuning starts from trained weights: a fraction of the head's learning rate."""
     return learning_rate * lr_scale
+
+
+# Which epoch's weights training keeps (param keep_epoch): the one validation says is best
+# at what is reported (accuracy; ties: the lower validation loss), the lowest validation loss,
+# or the last one (a fixed decaying schedule's end, no early stopping).
+KEEP_RULES = ("val_accuracy", "val_loss", "last")
+KEEP_WHY = {"val_accuracy": "the best validation accuracy (ties: the lower validation loss)",
+            "val_loss": "the lowest validation loss",
+            "last": "the last epoch (keep_epoch=last: no early stopping)"}
+
+
+def score_epoch(row: dict[str, float], rule: str) -> tuple[float, ...]:
+    """Larger is better: the order in which ``rule`` ranks epochs."""
+    loss = row.get("val_loss", math.inf)
+    loss = math.inf if math.isnan(loss) else loss
+    if rule == "val_accuracy":
+        accuracy = row.get("val_accuracy", -math.inf)
+        return (-math.inf if math.isnan(accuracy) else accuracy, -loss)
+    if rule == "val_loss":
+        return (-loss,)
+    return (row.get("epoch", 0),)
+
+
+def kept_row(rows: list[dict[str, float]], rule: str) -> dict[str, float] | None:
+    """The row of the epoch ``rule`` keeps (the earliest among equals)."""
+    best = None
+    for row in rows:
+        if best is None or score_epoch(row, rule) > score_epoch(best, rule):
+            best = row
+    return best

@@ -12,30 +12,78 @@ from typing import Any
 import keras
 
 from foodtransfer.training import hyperrule
+from foodtransfer.training.hyperrule import KEEP_RULES, KEEP_WHY, kept_row, score_epoch
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class History:
-    """Per-epoch curves of one training run (epochs are 1-based, continuing ``first_epoch``)."""
+    """Per-epoch curves of one training run (epochs are 1-based, continuing ``first_epoch``)
+    and the rule that chose the epoch whose weights were kept."""
 
     rows: list[dict[str, float]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
+    keep_epoch: str = "val_accuracy"
 
     @property
     def epochs_run(self) -> int:
         return len(self.rows)
 
     def best_epoch(self) -> int:
-        """Epoch (numbering as in rows) with the lowest validation loss."""
-        if not self.rows:
-            return 0
-        return int(min(self.rows, key=lambda row: row.get("val_loss", math.inf))["epoch"])
+        """The epoch (numbering as in rows) whose weights were kept, by ``keep_epoch``."""
+        row = kept_row(self.rows, self.keep_epoch)
+        return int(row["epoch"]) if row else 0
+
+    def kept_line(self) -> str:
+        """``kept the weights of epoch 8 of 10: the best validation accuracy (...)``."""
+        row = kept_row(self.rows, self.keep_epoch)
+        if row is None:
+            return "no epoch trained"
+        return (f"kept the weights of epoch {int(row['epoch'])} of "
+                f"{int(self.rows[-1]['epoch'])}: {KEEP_WHY[self.keep_epoch]} (val_accuracy "
+                f"{row.get('val_accuracy', math.nan):.3f}, val_loss "
+                f"{row.get('val_loss', math.nan):.4f})")
 
     @property
     def seconds_per_epoch(self) -> float:
         return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else 0.0
+
+
+class KeepEpoch(keras.callbacks.Callback):
+    """Early stopping and best-weights restoring by one rule (:data:`KEEP_RULES`): stops
+    after ``patience`` epochs without a better one and puts back the kept epoch's weights at
+    the end; with ``last``, neither."""
+
+    def __init__(self, rule: str, patience: int) -> None:
+        super().__init__()
+        if rule not in KEEP_RULES:
+            raise ValueError(f"keep_epoch {rule!r}: use one of {', '.join(KEEP_RULES)}")
+        self.rule, self.patience = rule, patience
+        self.best: tuple[float, ...] | None = None
+        self.best_weights = None
+        self.wait = 0
+        self.stopped_epoch = 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.best, self.best_weights, self.wait, self.stopped_epoch = None, None, 0, 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.rule == "last":
+            return
+        score = score_epoch({key: float(value) for key, value in (logs or {}).items()}, self.rule)
+        if self.best is None or score > self.best:
+            self.best, self.wait = score, 0
+            self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -44,7 +92,7 @@ class EpochRecorder(keras.callbacks.Callback):
     weights were kept and whether early stopping ended it."""
 
     def __init__(self, history: History, first_epoch: int = 1, on_epoch=None,
-                 early_stopping: keras.callbacks.EarlyStopping | None = None) -> None:
+                 early_stopping: KeepEpoch | None = None) -> None:
         super().__init__()
         self.history = history
         self.first_epoch = first_epoch
@@ -77,12 +125,10 @@ class EpochRecorder(keras.callbacks.Callback):
             return
         stopper = self.early_stopping
         if stopper is not None and stopper.stopped_epoch > 0:
-            log.info("early stopping after epoch %d: val_loss did not improve for %d epochs",
-                     self.first_epoch + stopper.stopped_epoch, stopper.patience)
-        best = min(self.history.rows, key=lambda row: row.get("val_loss", math.inf))
-        log.info("kept the weights of epoch %d, the best on validation (val_loss %.4f, "
-                 "val_accuracy %.3f)", best["epoch"], best.get("val_loss", math.nan),
-                 best.get("val_accuracy", math.nan))
+            log.info("early stopping after epoch %d: %s did not improve for %d epochs",
+                     self.first_epoch + stopper.stopped_epoch - 1, stopper.rule,
+                     stopper.patience)
+        log.info(self.history.kept_line())
 
 
 def epoch_line(row: dict[str, float], done: int, planned: int,
@@ -167,9 +213,11 @@ def array_dataset(x, y, batch_size: int, *, shuffle: bool = False, seed: int = 0
 def fit(model: keras.Model, train: Any, validation: Any, *, epochs: int, learning_rate: float,
         optimizer: str, lr_schedule: str, patience: int, num_classes: int, batch_size: int,
         train_examples: int, first_epoch: int = 1, on_epoch=None, seed: int = 0,
-        label_smoothing: float = 0.0, dataset_spans_epochs: bool = False) -> History:
-    """Compile ``model`` (the only place a classifier is compiled) and train it with early
-    stopping on validation loss, best weights restored. ``train``/``validation`` are tf.data
+        label_smoothing: float = 0.0, dataset_spans_epochs: bool = False,
+        keep_epoch: str = "val_accuracy") -> History:
+    """Compile ``model`` (the only place a classifier is compiled) and train it, keeping the
+    weights of the epoch ``keep_epoch`` chooses (:data:`KEEP_RULES`), with early stopping by
+    the same rule after ``patience`` epochs (none with ``last``). ``train``/``validation`` are tf.data
     datasets of ``batch_size`` batches, or in-memory ``(x, y)`` tuples;
     ``dataset_spans_epochs``: ``train`` holds every epoch's batches one after the other (a
     different augmented view per epoch), each epoch taking its share."""
@@ -177,9 +225,8 @@ def fit(model: keras.Model, train: Any, validation: Any, *, epochs: int, learnin
     compile_classifier(model, make_optimizer(optimizer, learning_rate, schedule=lr_schedule,
                                              epochs=epochs, steps_per_epoch=steps), num_classes,
                        label_smoothing)
-    history = History()
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                            restore_best_weights=True)
+    history = History(keep_epoch=keep_epoch)
+    stopper = KeepEpoch(keep_epoch, patience)
     callbacks: list[keras.callbacks.Callback] = [
         EpochRecorder(history, first_epoch, on_epoch, stopper), stopper]
     if lr_schedule == "plateau":
