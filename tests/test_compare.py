@@ -121,7 +121,7 @@ def test_frame_has_mean_sd_and_the_swept_values() -> None:
     runs = [make_run("a", seed=1), make_run("b", seed=3)]
     executions, _ = select(runs, [], "e")
     groups, swept = group(executions)
-    from foodtransfer.compare import Summary
+    from foodtransfer.compare_stats import Summary
 
     summary = Summary(groups[0], "dropout", ["1", "3"],
                       {"test_accuracy": [0.80, 0.84], "test_macro_f1": [0.7, 0.74],

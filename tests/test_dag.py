@@ -20,7 +20,8 @@ import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
-import yaml
+
+from foodtransfer.dag import entries, load_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "foodtransfer"
@@ -92,12 +93,11 @@ def code_deps(script: Path) -> set[str]:
 
 # ------------------------------------------------------------------------- dvc.yaml stages
 def stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml's stages, read as the sweep and ``code_version`` read them."""
+    return load_stages(REPO_ROOT)
 
 
-def _entries(items: list) -> list[str]:
-    """Paths of a deps/outs/metrics list (entries are strings or {path: options})."""
-    return [item if isinstance(item, str) else next(iter(item)) for item in items or []]
+_entries = entries  # paths of a deps/outs/metrics list (strings or {path: options})
 
 
 def script_of(stage: dict) -> Path:
@@ -239,6 +239,15 @@ STAGES = list(stages())
 def test_stage_deps_and_outs_are_exactly_what_it_imports_reads_and_writes(name: str) -> None:
     problems = dag_problems(name, stages()[name])
     assert not problems, f"dvc.yaml stage '{name}': " + "; ".join(problems)
+
+
+def test_the_report_stage_declares_every_file_it_publishes() -> None:
+    """DVC caches and restores exactly what the report publishes: a restored report (run
+    cache, a clone) has its run.json, which names the pipeline run it belongs to."""
+    from foodtransfer.stages.report import REPORT_FILES
+
+    assert set(_entries(stages()["report"]["outs"])) == {f"reports/{name}"
+                                                         for name in REPORT_FILES}
 
 
 def test_the_report_stage_reads_exactly_the_registered_variants() -> None:

@@ -157,12 +157,14 @@ def _coverage(seeds: int, seed_spread: float, draws: int = 300, images: int = 30
     return both / draws, images_only / draws
 
 
-def test_the_two_level_interval_covers_the_truth_when_seeds_vary() -> None:
-    """300 simulated configurations, 10 seeds, 300 test images, a large seed spread: the
-    two-level interval covers the true accuracy in 95 % ± 5 points of them; the image-only
-    interval, blind to the seeds, in far fewer (measured: 0.93 and 0.64)."""
-    both, images_only = _coverage(seeds=10, seed_spread=0.5)
-    assert 0.90 <= both <= 1.0, both
+@pytest.mark.parametrize("seeds", [3, 10])
+def test_the_two_level_interval_covers_the_truth_when_seeds_vary(seeds: int) -> None:
+    """300 simulated configurations of 3 or 10 seeds, 300 test images, a large seed spread:
+    the two-level interval covers the true accuracy in 92–99 % of them (a 95 % interval,
+    tolerance stated; measured 0.97 and 0.95); the image-only interval, blind to the seeds,
+    in far fewer (measured 0.46 and 0.64)."""
+    both, images_only = _coverage(seeds=seeds, seed_spread=0.5)
+    assert 0.92 <= both <= 0.99, both
     assert images_only < 0.80, images_only
 
 

@@ -127,7 +127,7 @@ def compare(
         from foodtransfer.compare import compare as compare_runs
 
         name = experiment or _params_or_defaults(params).mlflow.experiment
-        summary = compare_runs(list(experiments or []), name, out, data_version,
+        summary, _ = compare_runs(list(experiments or []), name, out, data_version,
                                list(where or []), pool_code_versions=pool_code_versions,
                                against=against)
     typer.echo(f"compare: {summary}")
@@ -190,10 +190,9 @@ def sweep(
         if compared:
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             name = _params_or_defaults(params).mlflow.experiment
-            summary = compare_runs(sorted(set(compared)), name, out)
+            summary, text = compare_runs(sorted(set(compared)), name, out)
             typer.echo(f"compare: {summary}")
-            table = (out / "experiments.md").read_text()
-            typer.echo(table[table.find("| "):].split("\n\n")[0])
+            typer.echo(text[text.find("| "):].split("\n\n")[0])  # its first table
         elif outcome.done:
             typer.echo("sweep: its targets stop before the report stage, so its experiments "
                        "have no pipeline runs to compare; their variant runs carry the tag "

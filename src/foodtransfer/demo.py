@@ -40,10 +40,10 @@ def report_for(model_uri: str, project: Path, scratch: Path) -> Report:
     else the project's ``reports/`` folder, else a note that there is none."""
     import mlflow
 
-    from foodtransfer.serving import _registered_version
+    from foodtransfer.tracking.registry import registered_version
 
     try:
-        version = _registered_version(model_uri)
+        version = registered_version(model_uri)
         if version is not None:
             name = model_uri[len("models:/"):].split("@")[0].split("/")[0]
             tags = mlflow.MlflowClient().get_model_version(name, version).tags

@@ -275,6 +275,10 @@ def experiments_markdown(experiment: str, executions: Sequence[Any], groups: Seq
                        (f"more {more}" if more else f"n/a (< {MIN_SEEDS} seeds)")])
     lines += table(("configuration", "variant", "sd over seeds", "sd from test images",
                     "narrows the interval most"), shares, [False, False, True, True, False])
+    if len(groups) > 1 and not differences:
+        lines += ["", "## Differences between configurations", "",
+                  f"Not computed: they need at least {MIN_SEEDS} seeds of each configuration "
+                  "on the same test images (`make seeds SEEDS=1,2,3`)."]
     if differences:
         reference = differences[0].reference.label(swept)
         lines += ["", "## Differences between configurations", "",

@@ -242,12 +242,13 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
                        paths: VariantPaths, extra: dict[str, Any], what: str,
                        curve_rows: list[dict[str, float]] | None = None,
                        probabilities: dict[str, np.ndarray] | None = None,
-                       precision_policy: str = "float32") -> str:
+                       precision_policy: str = "float32", head=None) -> str:
     """Evaluate an image model (raw images in) on validation and test, write and log its
     results, save and log it, and check the logged model against the evaluated one
     (:func:`verify_deployed_model`); returns the stage's summary line. ``probabilities``: the model's
     test and validation probabilities where the caller has them already (from cached frozen
-    bottom outputs), instead of passes over the images."""
+    bottom outputs), instead of passes over the images; ``head``: the trained head the image
+    model ends with, saved beside it."""
     from foodtransfer.models.classifiers import parameter_counts
     from foodtransfer.models.inference import compile_forward, predict_split
 
@@ -261,7 +262,7 @@ def finish_image_model(variant: str, model, history: History, trimmed: Path,
     validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
     total, trainable = parameter_counts(model)
     model_uri = save_model(model, class_names, paths, run,
-                           example_images(trimmed, splits["val"]))
+                           example_images(trimmed, splits["val"]), head=head)
     drift = verify_deployed_model(model_uri, trimmed, splits["val"], val_probs,
                                   precision_policy, variant)
     metrics = write_results(variant, paths, class_names, run, history=history, test=test,

@@ -16,6 +16,7 @@ from pathlib import Path
 from foodtransfer.errors import UserError
 from foodtransfer.predict import ModelLoadError, check_store, input_size
 from foodtransfer.tracking import store
+from foodtransfer.tracking.registry import registered_version
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -34,22 +35,6 @@ def serve_environment() -> dict[str, str]:
 
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(), "PATH": path}
-
-
-def _registered_version(model_uri: str) -> str | None:
-    """The registry version a ``models:/<name>@<alias>`` or ``models:/<name>/<n>`` URI
-    names, else None."""
-    import mlflow
-
-    if not model_uri.startswith("models:/"):
-        return None
-    name_and_rest = model_uri[len("models:/"):]
-    client = mlflow.MlflowClient()
-    if "@" in name_and_rest:
-        name, alias = name_and_rest.split("@", 1)
-        return str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = name_and_rest.partition("/")
-    return version if version.isdigit() else None
 
 
 def _unreadable(model_uri: str, error: Exception) -> ModelLoadError:
@@ -105,7 +90,7 @@ def export_model(model_uri: str, out: Path, fmt: str = "saved_model") -> Path:
     keras_path, class_names_path = logged_keras_model(model_uri)
     try:
         class_names = json.loads(class_names_path.read_text())
-        version = _registered_version(model_uri) or "1"
+        version = registered_version(model_uri) or "1"
     except (OSError, mlflow.exceptions.MlflowException) as error:
         raise _unreadable(model_uri, error) from error
     model = keras.saving.load_model(keras_path, compile=False)

@@ -301,7 +301,7 @@ def provenance(result: VariantResult, pipeline_run_id: str, version: str) -> dic
     if "test_accuracy_ci_low" in metrics:
         tags["test_accuracy_ci"] = (f"[{metrics['test_accuracy_ci_low']:.4f}, "
                                     f"{metrics['test_accuracy_ci_high']:.4f}]")
-    commit = git_commit(project_root())
+    commit = git_commit(Path.cwd()) or git_commit(project_root())
     if commit:
         tags["git_commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
@@ -363,7 +363,8 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
             context = ReportContext(
                 experiment=config.experiment, data_version=version,
                 parent_run_id=parent.run_id,
-                git_commit=tracking_runs.git_commit(project_root()),
+                git_commit=(tracking_runs.git_commit(Path.cwd())
+                            or tracking_runs.git_commit(project_root())),
                 dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
                 registered_model=config.registered_model,
                 registered_version=registered_version, registered_alias=alias,

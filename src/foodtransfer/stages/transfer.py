@@ -13,15 +13,14 @@ import numpy as np
 
 from foodtransfer.config import Params
 from foodtransfer.data.augment import crop_size
-from foodtransfer.data.datasets import example_images, load_features
+from foodtransfer.data.datasets import load_features
 from foodtransfer.data.manifests import Split, load_classes, load_splits
 from foodtransfer.errors import DataError
-from foodtransfer.evaluation import evaluate
 from foodtransfer.models.classifiers import (build_feature_extractor, build_head,
                                              build_image_classifier, parameter_counts)
 from foodtransfer.models.inference import mirror_averaged
-from foodtransfer.results import (VariantPaths, save_model, staged_outputs, summary,
-                                  variant_run, verify_deployed_model, write_results)
+from foodtransfer.results import (VariantPaths, finish_image_model, staged_outputs,
+                                  variant_run)
 from foodtransfer.training.distribute import prepare_training
 from foodtransfer.training.loop import fit
 
@@ -84,9 +83,6 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
             return mirror_averaged(head, cached[name],
                                    cached[f"{name}_flip"] if config.tta else None)
 
-        test_probs, val_probs = probabilities("test"), probabilities("val")
-        test = evaluate(test_probs, splits["test"].labels, class_names, intervals=True)
-        validation = evaluate(val_probs, splits["val"].labels, class_names, prefix="best_val_")
         # Built under the precision policy, so fine-tuning it trains in that precision too;
         # seeded as the features stage seeds it, so that with weights=none too it is the
         # backbone the features (and the fine-tune's frozen-bottom cache) came from.
@@ -95,7 +91,6 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
                                             crop_size(params.image_size, config.crop))
         classifier = build_image_classifier(extractor, head, image_size=params.image_size,
                                             tta=config.tta)
-        total, trainable = parameter_counts(classifier)
         regularised = (f" with Dropout({dropout:g}) and an L1L2({l1:g}, {l2:g}) kernel "
                        "regulariser" if dropout or l1 or l2 else "")
         what = (f"{variant}: a softmax head{regularised} on the cached features of the frozen "
@@ -104,20 +99,14 @@ def train_head(params: Params, variant: str, *, trimmed: Path, split: Path, feat
                 + (f", {config.views} augmented views per training image" if config.views
                    else "")
                 + (", mirror-averaged predictions" if config.tta else "") + ").")
-        # The deployed model is the evaluated model: the logged image model, loaded as predict
-        # and serve load it, gives the probabilities the metrics come from.
-        model_uri = save_model(classifier, class_names, staged, run,
-                               example_images(trimmed, splits["val"]), head=head)
-        drift = verify_deployed_model(model_uri, trimmed, splits["val"], val_probs,
-                                      setup.precision_policy, variant)
-        metrics = write_results(variant, staged, class_names, run, history=history, test=test,
-                                validation=validation,
-                                probabilities={"test": test_probs, "val": val_probs},
-                                splits=splits, what=what,
-                                extra={"total_params": total, "trainable_params": trainable,
-                                       "head_params": parameter_counts(head)[0],
-                                       "deployed_model_drift": drift, **setup.record()})
-        return summary(metrics, history)
+        # The deployed model is the evaluated model: finish_image_model logs the image model
+        # and checks that, loaded as predict and serve load it, it gives the probabilities
+        # (from the cached features) that the metrics come from.
+        return finish_image_model(
+            variant, classifier, history, trimmed, splits, class_names, run, staged,
+            {"head_params": parameter_counts(head)[0], **setup.record()}, what,
+            probabilities={"test": probabilities("test"), "val": probabilities("val")},
+            precision_policy=setup.precision_policy, head=head)
 
 
 def run(params: Params, trimmed: Path, split: Path, features: Path,

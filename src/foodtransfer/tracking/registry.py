@@ -72,6 +72,22 @@ def move_aliases(name: str, alias: str, version: str) -> list[str]:
         return [alias]
 
 
+def registered_version(model_uri: str) -> str | None:
+    """The registry version a ``models:/<name>@<alias>`` or ``models:/<name>/<n>`` URI
+    names, else None."""
+    import mlflow
+
+    if not model_uri.startswith("models:/"):
+        return None
+    name_and_rest = model_uri[len("models:/"):]
+    if "@" in name_and_rest:
+        name, alias = name_and_rest.split("@", 1)
+        version = retry_on_lock(mlflow.MlflowClient().get_model_version_by_alias)(name, alias)
+        return str(version.version)
+    name, _, version = name_and_rest.partition("/")
+    return version if version.isdigit() else None
+
+
 def version_by_alias(name: str, alias: str) -> Any | None:
     """The version of ``name`` that ``alias`` points at, or None."""
     import mlflow

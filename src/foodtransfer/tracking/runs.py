@@ -218,7 +218,9 @@ def tracked_run(experiment: str, name: str, kind: str, params: dict[str, Any],
                 "code_version": code_version(stages), "code_path": code_path()}
     if stages:  # a stage's run: its files land after it ends (mark_published)
         all_tags[OUTPUTS_TAG] = PENDING
-    commit = git_commit(project_root())
+    # The commit of the tree the stage runs in: a queued or --temp copy's own checkout (its
+    # DVC_ROOT is the workspace, whose HEAD may have moved since).
+    commit = git_commit(Path.cwd()) or git_commit(project_root())
     if commit:
         all_tags["git_commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):

@@ -197,12 +197,29 @@ def _store_lock(store: Path, timeout: float = 300.0) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def alias_lock() -> contextlib.AbstractContextManager:
-    """The project store's lock, for a read-then-move of registry aliases (a tracking server:
-    none)."""
-    if custom_tracking_uri() is not None:
+def sqlite_folder(uri: str) -> Path | None:
+    """The folder of a ``sqlite:///`` store's database (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return database.resolve().parent
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """The lock of a SQLite store (``.connect.lock`` beside its database, whoever names it:
+    the project, or a sweep's clone through MLFLOW_TRACKING_URI); none for a server."""
+    folder = sqlite_folder(uri)
+    if folder is None:
         return contextlib.nullcontext()
-    return _store_lock(default_store_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    return _store_lock(folder)
+
+
+def alias_lock() -> contextlib.AbstractContextManager:
+    """The store's lock, for a read-then-move of registry aliases (a tracking server: none)."""
+    return store_lock(tracking_uri())
 
 
 def artifact_location(uri: str) -> str | None:
@@ -211,12 +228,21 @@ def artifact_location(uri: str) -> str | None:
     decides). MLflow would otherwise make it relative to the creating process's working
     directory, fixed for good at creation: created from a sweep's temporary clone or a DVC
     queue's copy, every later run's artifacts would go to that folder and vanish with it."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    if not database.is_absolute():
-        database = Path.cwd() / database
-    return (database.resolve().parent / "artifacts").as_uri()
+    folder = sqlite_folder(uri)
+    return None if folder is None else (folder / "artifacts").as_uri()
+
+
+def _check_artifact_location(location: str, experiment: str) -> None:
+    """Say so when an experiment keeps its artifacts in a local folder that no longer exists
+    under a parent that is gone too (created from a temporary copy by an older version)."""
+    if not location.startswith("file://"):
+        return
+    folder = Path(location[len("file://"):])
+    if not folder.exists() and not folder.parent.exists():
+        log.warning("the MLflow experiment %r keeps its artifacts in %s, which no longer "
+                    "exists (it was created from a temporary copy): its runs' artifacts are "
+                    "lost. Log to a new experiment (mlflow.experiment in params.yaml).",
+                    experiment, folder)
 
 
 def connect(experiment: str) -> str:
@@ -230,13 +256,14 @@ def connect(experiment: str) -> str:
     if not custom:
         _check_default_store(default_store_dir())
     mlflow.set_tracking_uri(uri)
-    lock = contextlib.nullcontext() if custom else _store_lock(default_store_dir())
+    lock = store_lock(uri)
     try:
         with _fail_fast_http(uri), lock:
             client = mlflow.MlflowClient()
             found = retry_on_lock(client.get_experiment_by_name)(experiment)
             if found is not None:
                 experiment_id = found.experiment_id
+                _check_artifact_location(found.artifact_location, experiment)
                 for key, value in EXPERIMENT_TAGS.items():  # an experiment of an older version
                     if found.tags.get(key) != value:
                         retry_on_lock(client.set_experiment_tag)(experiment_id, key, value)
