@@ -240,3 +240,23 @@ def test_a_results_page_takes_exactly_its_configurations_and_seeds(tmp_path) -> 
                                                r"foodtransfer results spec.yaml --run"):
         spec_executions(spec, [r for r in runs if r.info.run_id not in ("p2", "h42")], base,
                         Path("spec.yaml"))
+
+
+def test_experiments_without_a_report_are_their_variant_runs() -> None:
+    """A sweep whose stages stop before the report: one execution per DVC experiment, made
+    of its finished variant runs (never another experiment's, never an unpublished one)."""
+    from foodtransfer.compare import from_variant_runs
+
+    mine = make_run("d1", kind="variant", variant="dropout", name="sweep-1", seed=1)
+    mine.data.metrics = {"test_accuracy": 0.8, "best_val_accuracy": 0.7}
+    other = make_run("d2", kind="variant", variant="dropout", name="sweep-2", dropout=0.3)
+    other.data.metrics = {"test_accuracy": 0.6}
+    lost = make_run("d3", kind="variant", variant="dropout", name="sweep-3")
+    lost.data.tags["outputs"] = "lost"
+    elsewhere = make_run("d4", kind="variant", variant="dropout", name="before-the-sweep")
+    found = from_variant_runs([mine, other, lost, elsewhere], ["sweep-1", "sweep-2", "sweep-3"])
+    assert [e.name for e in found] == ["sweep-1", "sweep-2"]
+    assert found[0].metrics == {"dropout_test_accuracy": 0.8, "dropout_best_val_accuracy": 0.7}
+    assert found[0].variant_runs == {"dropout": "d1"}
+    groups, swept = group(found)
+    assert swept == ["dropout"] and len(groups) == 2

@@ -5,6 +5,7 @@ report compares nothing rather than a run from before the sweep."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,10 +71,25 @@ def test_a_first_sweep_keeps_every_artifact_it_logged(fresh) -> None:
         mlflow.set_tracking_uri(None)
 
 
-def test_a_sweep_that_stops_before_the_report_compares_nothing_old(fresh) -> None:
-    targeted = fresh["targeted"]
+def test_a_sweep_that_stops_before_the_report_compares_its_own_runs(fresh) -> None:
+    """Its experiments have no pipeline run (the report's files in the clones are the
+    commit's): compare takes their own variant runs, nothing from before the sweep."""
+    targeted, repo = fresh["targeted"], fresh["repo"]
     assert targeted.returncode == 0, targeted.stdout + targeted.stderr
     assert "sweep: computing download, trim, split, features once" in targeted.stdout
     assert targeted.stdout.count(": ran dropout") == 2, targeted.stdout
-    assert "compare:" not in targeted.stdout
-    assert "its targets stop before the report stage" in targeted.stdout
+    assert re.search(r"compare: compared 2 experiments by their variant runs \(no report "
+                     r"stage\) in 2 configurations \(swept: dropout\)", targeted.stdout), \
+        targeted.stdout
+    client = client_of(repo)
+    experiment = client.get_experiment_by_name("sweep")
+    (comparison,) = client.search_runs([experiment.experiment_id],
+                                       "tags.run_kind = 'comparison'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+    names = set(re.findall(r"sweep: done (sweep-\w+-\d)", targeted.stdout))
+    compared = comparison.data.tags["compared_runs"].split(",")
+    assert len(compared) == 2
+    for run_id in compared:
+        run_ = client.get_run(run_id)
+        assert run_.data.tags["variant"] == "dropout"
+        assert run_.data.tags["dvc_exp_name"] in names

@@ -181,22 +181,23 @@ def sweep(
     """Run a grid of DVC experiments on a Dask cluster's workers, then compare them."""
     with _user_errors("sweep"):
         from foodtransfer.compare import compare as compare_runs
+        from foodtransfer.compare import compare_without_report
         from foodtransfer.sweep import sweep as run_sweep
 
         outcome = run_sweep(list(set_params), Path.cwd(), scheduler=scheduler, workers=workers,
                             targets=list(targets or []), git_remote=git_remote,
                             dvc_remote=dvc_remote, echo=typer.echo)
         compared = [item["pipeline_run"] for item in outcome.done if item["pipeline_run"]]
-        if compared:
+        if outcome.done:
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             name = _params_or_defaults(params).mlflow.experiment
-            summary, text = compare_runs(sorted(set(compared)), name, out)
+            if compared:
+                summary, text = compare_runs(sorted(set(compared)), name, out)
+            else:  # the targets stop before the report: its variant runs
+                summary, text = compare_without_report(
+                    [item["name"] for item in outcome.done], name, out)
             typer.echo(f"compare: {summary}")
             typer.echo(text[text.find("| "):].split("\n\n")[0])  # its first table
-        elif outcome.done:
-            typer.echo("sweep: its targets stop before the report stage, so its experiments "
-                       "have no pipeline runs to compare; their variant runs carry the tag "
-                       "dvc_exp_name (the MLflow UI, or dvc exp show, lists them).")
     if outcome.failed:
         typer.secho(f"foodtransfer sweep: {len(outcome.failed)} of "
                     f"{len(outcome.failed) + len(outcome.done)} experiments failed: "

@@ -115,6 +115,28 @@ def _execution(run) -> Execution:
                      run.info.start_time or 0)
 
 
+def from_variant_runs(runs: list, names: list[str]) -> list[Execution]:
+    """One execution per DVC experiment of ``names`` made of its finished variant runs: an
+    experiment whose stages stopped before the report (``foodtransfer sweep ... dropout``)
+    has no pipeline run. Its metrics are the variants' (``dropout_test_accuracy``...)."""
+    found: dict[str, Execution] = {}
+    for run in sorted(runs, key=lambda run: run.info.start_time or 0):
+        tags, name, variant = run.data.tags, run.data.tags.get("dvc_exp_name"), \
+            run.data.tags.get("variant")
+        if (name not in names or not variant or tags.get("run_kind") != "variant"
+                or run.info.status != "FINISHED"
+                or tags.get(OUTPUTS_TAG, PUBLISHED) != PUBLISHED):
+            continue
+        execution = found.setdefault(name, _execution(run))
+        execution.metrics.update({f"{variant}_{key}": value
+                                  for key, value in run.data.metrics.items()})
+        execution.tags[f"variant_run_id.{variant}"] = run.info.run_id
+    for execution in found.values():  # only the variants' own metrics, prefixed
+        execution.metrics = {key: value for key, value in execution.metrics.items()
+                             if key.split("_", 1)[0] in VARIANTS}
+    return list(found.values())
+
+
 def select(runs: list, names: list[str], experiment: str
            ) -> tuple[list[Execution], list[Unfinished]]:
     """The finished pipeline executions to compare (all, or those ``names`` name: DVC
@@ -319,6 +341,28 @@ def write_comparison(client, executions: list[Execution], unfinished: list[Unfin
                                     unfinished, None, found)
         write_text(out / "experiments.md", text)
     return groups, swept, run_id, text
+
+
+def compare_without_report(names: list[str], experiment: str, out: Path
+                           ) -> tuple[str, str]:
+    """Compare the DVC experiments ``names`` by their variant runs (their stages stopped
+    before the report); as :func:`compare` otherwise."""
+    import mlflow
+
+    from foodtransfer.tracking.store import connect_existing
+
+    experiment_id = connect_existing(experiment)
+    client = mlflow.MlflowClient()
+    executions = from_variant_runs(_all_runs(client, experiment_id), names)
+    if not executions:
+        raise CompareError(f"no finished variant run of the experiments {', '.join(names)} "
+                           f"in the MLflow experiment {experiment!r}.")
+    executions = check_data_versions(executions, None)
+    groups, swept, run_id, text = write_comparison(client, executions, [], experiment, out)
+    return (f"compared {len(executions)} experiments by their variant runs (no report stage) "
+            f"in {len(groups)} configuration{'s' * (len(groups) != 1)}"
+            + (f" (swept: {', '.join(swept)})" if swept else "")
+            + f"; wrote {out / 'experiments.md'}; MLflow run {run_id}"), text
 
 
 def compare(names: list[str], experiment: str, out: Path, data_version: str | None = None,
