@@ -83,7 +83,7 @@ def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
                path: Path, finetune_start: float | None = None,
                colors: dict[str, str] | None = None) -> None:
     """Train (dashed) and validation (solid) loss and accuracy of every variant on shared
-    axes, stars at the best epochs, a dotted line where fine-tuning starts."""
+    axes, stars at the kept epochs, a dotted line where fine-tuning starts."""
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
     for axis, metric in zip(axes, ("loss", "accuracy")):
         for name, history in histories.items():
@@ -103,7 +103,7 @@ def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
                               color=color, markeredgecolor="black", linestyle="none")
         if finetune_start is not None:
             axis.axvline(finetune_start, color="tab:green", linestyle=":", alpha=0.8)
-            axis.annotate("fine-tune starts\n(from dropout's best weights)",
+            axis.annotate("fine-tune starts\n(from dropout's kept weights)",
                           (finetune_start, 0.0), xycoords=("data", "axes fraction"),
                           xytext=(4, 4), textcoords="offset points", va="bottom", fontsize=8)
         axis.set_xlabel("epoch")
@@ -114,7 +114,7 @@ def all_curves(histories: dict[str, pd.DataFrame], best_epochs: dict[str, int],
     figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8,
                   bbox_to_anchor=(0.5, -0.1))
     figure.suptitle("Learning curves of all variants (train dashed, validation solid, "
-                    "★ best epoch)")
+                    "★ kept epoch)")
     save(figure, path)
 
 
