@@ -193,6 +193,28 @@ def server_process(command: list[str], url: str, **kwargs: Any) -> Iterator[subp
             stop_process_group(process)
 
 
+def grey_png(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width`` x ``height`` pixels, compressed to almost nothing (18 000
+    x 18 000: about 320 KB that decode to 324 MB of grey, 972 MB as RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\x80" * width  # filter type 0, mid grey
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+       b"0.5 setgray 0 0 64 64 rectfill\nshowpage\n%%EOF\n")
+
+
 def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> Any:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type":

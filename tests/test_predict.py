@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import free_port
 from foodtransfer.cli import app
 from foodtransfer.data.images import decode_image
 
@@ -139,11 +140,11 @@ def test_predict_text_top_k_and_model_uri(in_project: dict) -> None:
     assert version.exit_code == 0, version.output
 
 
-def _assert_one_line_error(result, *fragments: str) -> None:
+def _assert_one_line_error(result, *fragments: str, command: str = "predict") -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("foodtransfer")]
-    assert len(lines) == 1 and lines[0].startswith("foodtransfer predict: error: "), \
+    assert len(lines) == 1 and lines[0].startswith(f"foodtransfer {command}: error: "), \
         result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -202,6 +203,29 @@ def test_ui_dry_run_uses_the_project_store(in_project: dict) -> None:
     assert f"--backend-store-uri sqlite:///{root / 'mlruns' / 'mlflow.db'}" in command
     assert f"--default-artifact-root {(root / 'mlruns' / 'artifacts').as_uri()}" in command
     assert command.endswith("--host 127.0.0.1 --port 5123 --workers 1")  # one user: one worker
+
+
+def test_sharing_beyond_loopback_says_what_is_exposed(in_project: dict,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = invoke("ui", "--host", "0.0.0.0", "--port", "5124", "--dry-run")
+    assert shared.exit_code == 0, shared.output
+    assert ("warning: listening on 0.0.0.0:5124 without authentication: anyone who can reach "
+            "this machine on port 5124 can read every run") in shared.stderr
+    assert "move @champion" in shared.stderr and "docs/scale.md" in shared.stderr
+    assert shared.stdout.strip().endswith("--host 0.0.0.0 --port 5124 --workers 1")
+    assert "warning" not in invoke("ui", "--port", "5124", "--dry-run").output  # loopback
+    # An address this machine does not have: one line, before anything starts.
+    result = invoke("serve", "--host", "203.0.113.7", "--port", str(free_port()))
+    _assert_one_line_error(result, "--host '203.0.113.7' is not an address of this machine",
+                           command="serve")
+    # The demo's login comes from a variable, user:password.
+    monkeypatch.setenv("FOODTRANSFER_DEMO_AUTH", "alice")
+    _assert_one_line_error(invoke("demo", "--port", str(free_port())),
+                           "FOODTRANSFER_DEMO_AUTH must be user:password", command="demo")
+    from foodtransfer.demo import demo_auth
+
+    monkeypatch.setenv("FOODTRANSFER_DEMO_AUTH", "alice:s3:cret")
+    assert demo_auth() == ("alice", "s3:cret")
 
 
 def test_ui_honours_mlflow_tracking_uri(in_project: dict, tmp_path: Path,

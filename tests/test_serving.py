@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import free_port, server_process
+from conftest import EPS, free_port, grey_png, server_process
 from foodtransfer.cli import app
 from foodtransfer.data.images import decode_image
 from test_predict import CLASSES, ENV_KEYS, MODEL_NAME, SIZE, project  # noqa: F401
@@ -63,8 +64,8 @@ def served(project: dict):  # noqa: F811
     url = f"http://127.0.0.1:{port}"
     command = [str(BIN / "foodtransfer"), "serve", "--port", str(port)]
     with server_process(command, f"{url}/ping", cwd=project["root"],
-                        env=project_env(project["root"])):
-        yield {**project, "url": url}
+                        env=project_env(project["root"])) as process:
+        yield {**project, "url": url, "process": process}
 
 
 def test_served_champion_matches_predict(served: dict) -> None:
@@ -132,6 +133,112 @@ def test_ping_and_bad_requests_are_4xx_with_a_message(served: dict) -> None:
                             json.dumps({"inputs": {"image": rows}}).encode())
         assert status == 400, (case, status, text[:500])
         assert expected in json.loads(text)["message"], (case, text[:500])
+
+
+def _tree_peak_rss(pid: int) -> int:
+    """The peak resident memory (Linux's VmHWM) of a process and its children, summed, in
+    bytes: what a request that decoded a bomb would raise, even after it freed it."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        for line in Path(f"/proc/{member.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _post_raw(url: str, body: bytes, chunk: int = 1 << 20) -> tuple[int, str]:
+    """POST ``body`` as a plain client does (Content-Length, no Expect: 100-continue)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.putrequest("POST", parts.path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders()
+        view = memoryview(body)
+        for start in range(0, len(body), chunk):
+            connection.send(view[start:start + chunk])
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+# The most the scoring server's memory may grow over a batch of hostile requests: decoding
+# any of them would take 300 MB to 1 GB.
+HOSTILE_RSS_BOUND = 100 * 1024 * 1024
+
+
+def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path) -> None:
+    from foodtransfer.data.images import MAX_PIXELS
+
+    photo = base64.b64encode((served["images"] / "a.jpg").read_bytes()).decode()
+    good = json.dumps({"inputs": {"image": [photo]}}).encode()
+    assert post(f"{served['url']}/invocations", good)[0] == 200  # warm: the model is loaded
+    server = served["process"].pid
+    before = _tree_peak_rss(server)
+    bomb = grey_png(18_000, 18_000)  # 324 MP
+    over = grey_png(10_000, 10_000)  # 100 MP: over the limit, under PIL's own backstop
+    assert len(bomb) < 1_000_000 and 18_000 ** 2 > 300_000_000 and 10_000 ** 2 > MAX_PIXELS
+    cases = {
+        "bomb": (json.dumps({"inputs": {"image": [base64.b64encode(bomb).decode()]}}),
+                 400, "row 0: cannot decode the image: the image declares 18000 x 18000 "
+                      "pixels (324 MP), over the limit of 60 MP"),
+        "over the limit": (json.dumps({"inputs": {"image": [photo,
+                                                            base64.b64encode(over).decode()]}}),
+                           400, "row 1: cannot decode the image: the image declares 10000 x "
+                                "10000 pixels (100 MP)"),
+        "EPS": (json.dumps({"inputs": {"image": [base64.b64encode(EPS).decode()]}}),
+                400, "row 0: cannot decode the image: not an image in a photo format (JPEG, "
+                     "PNG, WEBP"),
+    }
+    for case, (body, status, expected) in cases.items():
+        started = time.monotonic()
+        got, text = post(f"{served['url']}/invocations", body.encode())
+        assert time.monotonic() - started < 10, case
+        assert got == status, (case, got, text[:500])
+        assert expected in json.loads(text)["message"], (case, text[:500])
+    # A 64 MB body: 413 before it is parsed, from a plain client and from one that asks
+    # Expect: 100-continue (then the body is never sent).
+    huge = b"[" + b"0," * (32 * 1024 * 1024) + b"0]"
+    started = time.monotonic()
+    got, text = _post_raw(f"{served['url']}/invocations", huge)
+    assert time.monotonic() - started < 20
+    assert got == 413, (got, text[:500])
+    assert "over the server's limit of 41943040 bytes" in json.loads(text)["message"]
+    del huge
+    curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                           "Content-Type: application/json", "-H", "Expect: 100-continue",
+                           "--data-binary", f"@{_big_file(tmp_path)}",
+                           f"{served['url']}/invocations"],
+                          capture_output=True, text=True, timeout=60)
+    assert curl.stdout == "413", (curl.stdout, curl.stderr)
+    grown = _tree_peak_rss(server) - before
+    print(f"scoring server peak RSS: {before / 2**20:.0f} MB before, "
+          f"{(before + grown) / 2**20:.0f} MB after")
+    assert grown < HOSTILE_RSS_BOUND, f"the server grew by {grown / 2**20:.0f} MB"
+    assert post(f"{served['url']}/invocations", good)[0] == 200  # and it still answers
+    # predict: the same limit, exit 2 in one line.
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    result = subprocess.run([str(BIN / "foodtransfer"), "predict", str(tmp_path / "bomb.png")],
+                            cwd=served["root"], env=project_env(served["root"]),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "declares 18000 x 18000 pixels (324 MP)" in result.stderr
+
+
+def _big_file(folder: Path) -> Path:
+    path = folder / "big.json"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    return path
 
 
 def test_the_pyfunc_refuses_bad_input_with_a_clear_error(project: dict) -> None:  # noqa: F811

@@ -23,6 +23,7 @@ code 2, without a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ import typer
 from foodtransfer.errors import UserError
 from foodtransfer.stages.runner import prepare_tensorflow
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Use the models and runs of the foodtransfer pipeline.")
 
 
@@ -224,45 +225,73 @@ def promote(
         typer.echo(promote_version(reference, config.mlflow.registered_model))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HOST_HELP = ("Address to listen on: 127.0.0.1 (this machine only) by default; 0.0.0.0 or an "
+             "interface's address shares it (read the warning it prints).")
+
+
+def _warn_if_exposed(host: str, port: int, exposed: str, fix: str) -> None:
+    """Binding anything but loopback shares ``exposed`` with whoever reaches ``host``: say
+    so, and how to protect it."""
+    if host not in LOOPBACK:
+        typer.echo(f"warning: listening on {host}:{port} without authentication: anyone who "
+                   f"can reach this machine on port {port} {exposed}. {fix}", err=True)
+
+
 @app.command()
 def serve(
     model_uri: str | None = typer.Option(
         None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
-    port: int = typer.Option(5001, min=1, max=65535, help="Port on 127.0.0.1."),
+    port: int = typer.Option(5001, min=1, max=65535, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help=HOST_HELP),
+    max_request_mb: float = typer.Option(
+        40, "--max-request-mb", min=0.001,
+        help="Largest request body read (MiB); a larger one gets 413 before it is parsed."),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the default model's registry name is read."),
 ) -> None:
-    """Serve the champion over HTTP (MLflow's scoring server, on localhost): POST
-    {"inputs": {"image": [base64 photo, ...]}} (or decoded pixels) to /invocations; /ping
+    """Serve the champion over HTTP (MLflow's scoring server): POST
+    `{"inputs": {"image": [base64 photo, ...]}}` (or decoded pixels) to /invocations; /ping
     says it is up."""
     from foodtransfer.serving import serve_command, serve_environment
 
-    host = "127.0.0.1"
     with _user_errors("serve"):
         uri = _model_on_free_port(model_uri, params, host, port)
         command = serve_command(uri, host, port)
+    _warn_if_exposed(host, port, "can send photos to the model and read its class names",
+                     "Put it behind a reverse proxy with TLS and authentication "
+                     "(docs/serving.md).")
     typer.echo(f"serving {uri} at http://{host}:{port}/invocations (POST {{\"inputs\": "
-               "images}; /ping; Ctrl-C stops it)")
-    raise typer.Exit(_run_until_stopped(command, env=serve_environment()))
+               "{\"image\": [base64 photo, ...]}}; /ping; Ctrl-C stops it)")
+    env = serve_environment(uri, int(max_request_mb * 1024 * 1024))
+    raise typer.Exit(_run_until_stopped(command, env=env))
 
 
 @app.command()
 def demo(
     model_uri: str | None = typer.Option(
         None, "--model-uri", help="MLflow model URI (default: the registry's champion)."),
-    port: int = typer.Option(7860, min=1, max=65535, help="Port on 127.0.0.1."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help=HOST_HELP),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the default model's registry name is read."),
 ) -> None:
-    """A web page for the champion (Gradio, on localhost): upload a photo, see its top 5
-    classes; the comparison of the variants and the champion's most confident mistakes."""
+    """A web page for the champion (Gradio): upload a photo, see its top 5 classes; the
+    comparison of the variants and the champion's most confident mistakes. Set
+    FOODTRANSFER_DEMO_AUTH=user:password to ask for a login."""
     prepare_tensorflow()
-    host = "127.0.0.1"
     with _user_errors("demo"):
+        from foodtransfer.demo import AUTH_ENV, demo_auth
         from foodtransfer.demo import run as run_demo
 
+        auth = demo_auth()
         uri = _model_on_free_port(model_uri, params, host, port)
-        run_demo(uri, port, Path.cwd(), echo=typer.echo)
+        if auth is None:
+            _warn_if_exposed(host, port, "can classify photos with the model and read its "
+                             "comparison report and test mistakes",
+                             f"Set {AUTH_ENV}=user:password to ask for a login, and put TLS "
+                             "in front of it (docs/serving.md).")
+        run_demo(uri, port, Path.cwd(), echo=typer.echo, host=host, auth=auth)
 
 
 @app.command()
@@ -303,30 +332,41 @@ def _model_on_free_port(model_uri: str | None, params: Path, host: str, port: in
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    """Whether ``port`` can be bound on ``host`` (an address this machine has)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UserError(f"--host {host!r} is not an address of this machine ({error}): "
+                        "pass 127.0.0.1, 0.0.0.0 or one of its interfaces' addresses.") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind((host, port))
-        except OSError:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host!r} is not an address of this machine: pass "
+                                "127.0.0.1, 0.0.0.0 or one of its interfaces' addresses."
+                                ) from None
             return False
     return True
 
 
 @app.command()
 def ui(
-    port: int = typer.Option(5000, min=1, max=65535, help="Port on 127.0.0.1."),
+    port: int = typer.Option(5000, min=1, max=65535, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help=HOST_HELP),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the URL and the command, start nothing."),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the MLflow experiment's name is read."),
 ) -> None:
-    """Start the MLflow UI on this project's store (localhost only) and print the URL of the
-    experiment's runs."""
+    """Start the MLflow UI on this project's store and print the URL of the experiment's
+    runs."""
     import os
 
     from foodtransfer.tracking.store import tracking_uri
     from foodtransfer.tracking.ui import UI_ENVIRONMENT, runs_url, ui_command
 
-    host = "127.0.0.1"
     with _user_errors("ui"):
         command, url = ui_command(port, host)
         url = runs_url(url, _experiment_id(_params_or_defaults(params).mlflow.experiment))
@@ -336,6 +376,11 @@ def ui(
         if not dry_run and not _port_free(host, port):
             raise UserError(f"port {port} on {host} is in use (another MLflow UI?): pass "
                             f"--port {port + 1}, or open {url} if it is already this UI.")
+    if command:
+        _warn_if_exposed(host, port, "can read every run, artifact and model of this store, "
+                         "change or delete them and move @champion",
+                         "For a team, run MLflow's authenticated server instead "
+                         "(docs/scale.md).")
     typer.echo(f"MLflow UI: {url} (store {tracking_uri()}; Ctrl-C stops it)")
     if dry_run:
         typer.echo(" ".join(command))

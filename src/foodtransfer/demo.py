@@ -1,4 +1,4 @@
-"""``foodtransfer demo``: the champion in a browser (Gradio), on loopback.
+"""``foodtransfer demo``: the champion in a browser (Gradio), on loopback unless ``--host``.
 
 Two tabs: *Classify a photo* (upload or drop a photo: the top 5 classes with their
 probabilities, decoded and resized as ``foodtransfer predict`` does, from the same pyfunc) and
@@ -22,6 +22,8 @@ from foodtransfer.errors import UserError
 
 TOP_K = 5
 REPORT_ARTIFACTS = ("comparison.md", "errors.png")
+AUTH_ENV = "FOODTRANSFER_DEMO_AUTH"  # user:password: Gradio asks for that login
+MAX_FILE_SIZE = "40mb"  # an upload over this is refused by Gradio before it is read whole
 
 
 class DemoError(UserError):
@@ -33,6 +35,18 @@ class Report:
     comparison: str  # markdown
     errors_png: Path | None
     source: str  # where it was read
+
+
+def demo_auth() -> tuple[str, str] | None:
+    """The login Gradio asks for, from ``FOODTRANSFER_DEMO_AUTH=user:password``, or None."""
+    value = os.environ.get(AUTH_ENV)
+    if not value:
+        return None
+    user, colon, password = value.partition(":")
+    if not (user and colon and password):
+        raise DemoError(f"{AUTH_ENV} must be user:password (both non-empty); got "
+                        f"{len(value)} characters without that form.")
+    return user, password
 
 
 def report_for(model_uri: str, project: Path, scratch: Path) -> Report:
@@ -94,7 +108,10 @@ def build(model_uri: str, project: Path, scratch: Path):
         gr.Markdown(f"## foodtransfer demo\nModel `{model_uri}` ({side} × {side} px input).")
         with gr.Tab("Classify a photo"):
             with gr.Row():
-                photo = gr.Image(type="filepath", label="A food photo (upload or drop)",
+                # A path, not pixels, and no mode conversion: Gradio only reads the header,
+                # and decode_image checks the size before anything is decoded.
+                photo = gr.Image(type="filepath", image_mode=None,
+                                 label="A food photo (upload or drop)",
                                  sources=["upload"], height=320, elem_id="photo")
                 label = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K} classes",
                                  elem_id="prediction")
@@ -108,10 +125,13 @@ def build(model_uri: str, project: Path, scratch: Path):
     return app
 
 
-def run(model_uri: str, port: int, project: Path, echo=print) -> None:
-    """Serve the demo on 127.0.0.1:``port`` until interrupted."""
+def run(model_uri: str, port: int, project: Path, echo=print, host: str = "127.0.0.1",
+        auth: tuple[str, str] | None = None) -> None:
+    """Serve the demo on ``host``:``port`` until interrupted; with ``auth``, behind that
+    login. Uploads over :data:`MAX_FILE_SIZE` are refused."""
     with tempfile.TemporaryDirectory(prefix="foodtransfer-demo-") as scratch:
         app = build(model_uri, project, Path(scratch))
-        echo(f"demo of {model_uri} at http://127.0.0.1:{port}/ (Ctrl-C stops it)")
-        app.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False,
-                   show_error=True, quiet=True)
+        login = f", login {auth[0]}:***" if auth else ""
+        echo(f"demo of {model_uri} at http://{host}:{port}/{login} (Ctrl-C stops it)")
+        app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                   show_error=True, quiet=True, auth=auth, max_file_size=MAX_FILE_SIZE)

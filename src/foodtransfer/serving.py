@@ -19,22 +19,106 @@ from foodtransfer.tracking import store
 from foodtransfer.tracking.registry import registered_version
 
 
+# The largest request body the scoring server reads: a 50 MP phone photo is at most about
+# 25 MB as JPEG, 33 MB as base64 text; anything larger is refused with 413 before it is parsed.
+MAX_REQUEST_BYTES = 40 * 1024 * 1024
+MAX_REQUEST_ENV = "FOODTRANSFER_MAX_REQUEST_BYTES"
+MODEL_PATH_ENV = "__pyfunc_model_path__"  # what MLflow's scoring app loads (its own variable)
+
+
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
-    """The ``mlflow models serve`` command for ``model_uri`` in this environment (no new
-    virtualenv: ``--env-manager local``), after checking that the model resolves."""
+    """The scoring server for ``model_uri``: MLflow's own app (what ``mlflow models serve
+    --env-manager local`` runs) behind :class:`BodyLimit`, under uvicorn, after checking that
+    the model resolves."""
     input_size(model_uri)  # a clear error now rather than from the server's start-up
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-            "--env-manager", "local", "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port),
+            "--no-access-log", "foodtransfer.serving_app:app"]
 
 
-def serve_environment() -> dict[str, str]:
-    """The server's environment: this project's tracking store, to resolve models:/ URIs, and
-    this environment's scripts first on PATH (MLflow starts ``uvicorn`` by name: without it,
-    ``.venv/bin/foodtransfer serve`` from a shell that has not activated the venv fails)."""
+def serve_environment(model_uri: str, max_request_bytes: int = MAX_REQUEST_BYTES
+                      ) -> dict[str, str]:
+    """The server's environment: the model, this project's tracking store (to resolve
+    models:/ URIs), the body limit, and this environment's scripts first on PATH."""
     import os
 
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(), "PATH": path}
+    return {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(), "PATH": path,
+            MODEL_PATH_ENV: model_uri, MAX_REQUEST_ENV: str(max_request_bytes)}
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body is over ``max_bytes`` gets 413 before the app
+    sees it, whether it declares its length or sends it in chunks. Nothing over the limit is
+    kept: a client that asked ``Expect: 100-continue`` (curl does for large bodies) is
+    answered before it sends the body; otherwise the body is read and dropped (up to
+    :data:`DRAIN_FACTOR` times the limit) so that the client, still sending, can read the
+    answer instead of a reset connection. A body within the limit is handed on whole."""
+
+    DRAIN_FACTOR = 8
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._drain(receive, 0)
+            await self._refuse(send, int(declared))
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                chunks.clear()
+                more = message.get("more_body", False)
+                if more:
+                    await self._drain(receive, size)
+                await self._refuse(send, size, at_least=more)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive, size: int) -> None:
+        """Read the rest of the body and drop it (up to DRAIN_FACTOR times the limit)."""
+        while size <= self.DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _refuse(self, send, size: int, at_least: bool = False) -> None:
+        text = json.dumps({
+            "error_code": "REQUEST_TOO_LARGE",
+            "message": f"the request body is {'over ' if at_least else ''}{size} bytes, over "
+                       f"the server's limit of {self.max_bytes} bytes ({MAX_REQUEST_ENV}); "
+                       "send fewer or smaller photos per request"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(text)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": text})
 
 
 def _unreadable(model_uri: str, error: Exception) -> ModelLoadError:

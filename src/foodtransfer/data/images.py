@@ -21,8 +21,29 @@ from PIL import Image, UnidentifiedImageError
 
 HEADER_BYTES = 256  # fixed-size .npy header so the count can be rewritten at the end
 
-# Food-101 photos are at most 512 px; a guard against decompression bombs far above that.
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+# The most pixels a decode may hold, checked on the header before anything is decoded:
+# Food-101's photos are at most 512 px a side (0.26 MP) and phones take photos of up to about
+# 50 MP (8160 x 6120), so 60 MP refuses nothing a camera makes, while a PNG declaring more (a
+# few hundred KB can declare 300 MP, and PNG is decoded whole) would take gigabytes. At 60 MP
+# one decode holds at most about 240 MB (RGBA). A JPEG is decoded at a reduced scale (draft
+# mode, down to 1/8 a side), so the limit applies to that scale: a 100 MP JPEG decodes as
+# 1.6 MP.
+MAX_PIXELS = 60_000_000
+# The formats photos come in (PIL opens many more, EPS among them, which hands the file to
+# Ghostscript). JPEG includes MPO, the multi-picture JPEG some cameras and phones write.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# PIL's own guard stays as a backstop for other code in the process (it refuses over twice
+# this at Image.open); ours, below it, runs first and names the size.
+Image.MAX_IMAGE_PIXELS = 1_000_000_000
+
+
+def too_many_pixels(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` is refused before it is decoded, or None."""
+    if width * height <= MAX_PIXELS:
+        return None
+    return (f"the image declares {width} x {height} pixels ({width * height / 1e6:.0f} MP), "
+            f"over the limit of {MAX_PIXELS / 1e6:.0f} MP for a photo; it was not decoded. "
+            "Resize it first (Food-101's photos are at most 512 px a side)")
 
 
 @dataclass(frozen=True)
@@ -32,22 +53,29 @@ class Decoded:
 
 
 def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
-    """Decode any image PIL reads (JPEG, PNG under a .jpg name, CMYK, grayscale, huge) from a
-    file or from its encoded bytes to RGB ``size`` x ``size`` uint8, or say why it cannot be
-    used."""
+    """Decode a photo (one of :data:`PHOTO_FORMATS`: JPEG, PNG under a .jpg name, CMYK,
+    grayscale, large) from a file or from its encoded bytes to RGB ``size`` x ``size`` uint8,
+    or say why it cannot be used. The header is read first: an image whose decode would hold
+    more than :data:`MAX_PIXELS` pixels (its declared size; a JPEG's at its reduced decode
+    scale) is refused without being decoded."""
     encoded = isinstance(source, (bytes, bytearray, memoryview))
     path = None if encoded else Path(source)
     try:
         if (len(source) if encoded else path.stat().st_size) == 0:
             return Decoded(None, "empty file (0 bytes)" if path else "no bytes")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if encoded else path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(io.BytesIO(source) if encoded else path,
+                            formats=PHOTO_FORMATS) as image:
+                declared = image.size
+                # JPEG draft mode decodes huge photos at a reduced scale (down to 1/8 a side):
+                # fast, little memory. The limit is on the pixels the decode will hold.
+                image.draft("RGB", (size, size))
+                if too_many_pixels(*image.size):
+                    return Decoded(None, too_many_pixels(*declared))
                 note = None
                 if path and image.format != "JPEG" and path.suffix.lower() in (".jpg", ".jpeg"):
                     note = f"{image.format} data in a {path.suffix} file (decoded anyway)"
-                # JPEG draft mode decodes huge photos at a reduced scale: fast, little memory.
-                image.draft("RGB", (size, size))
                 image.load()
                 rgb = image.convert("RGB")
         resized = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -55,8 +83,9 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
     except FileNotFoundError:
         return Decoded(None, "file not found")
     except UnidentifiedImageError:
-        return Decoded(None, "not an image (unidentified format)")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return Decoded(None, "not an image in a photo format "
+                             f"({', '.join(PHOTO_FORMATS)})")
+    except Image.DecompressionBombError as error:
         return Decoded(None, f"image too large to decode safely ({error})")
     except (OSError, SyntaxError, ValueError) as error:
         return Decoded(None, f"corrupt or truncated image ({error})")

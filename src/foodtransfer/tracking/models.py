@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,12 @@ def _encoded_bytes(value: Any, row: int) -> bytes:
             f"e.g. base64.b64encode(open('photo.jpg', 'rb').read()).decode()") from None
 
 
+# Photos decoded at once in a process: the scoring server runs requests in threads, and each
+# decode may hold up to ~240 MB (images.MAX_PIXELS), so concurrent requests queue here.
+DECODING_SLOTS = 2
+_decoding = threading.BoundedSemaphore(DECODING_SLOTS)
+
+
 def decode_encoded(values: list, side: int) -> np.ndarray:
     """Encoded photos (JPEG, PNG, WebP, anything PIL reads) decoded and resized exactly as the
     trim stage and ``foodtransfer predict`` do; a bad one is an invalid-input error naming its
@@ -99,7 +106,8 @@ def decode_encoded(values: list, side: int) -> np.ndarray:
 
     images = np.empty((len(values), side, side, 3), np.uint8)
     for row, value in enumerate(values):
-        decoded = decode_image(_encoded_bytes(value, row), side)
+        with _decoding:  # concurrent requests decode at most that many at once
+            decoded = decode_image(_encoded_bytes(value, row), side)
         if decoded.pixels is None:
             raise MlflowException.invalid_parameter_value(
                 f"row {row}: cannot decode the image: {decoded.reason}")
