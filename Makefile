@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	  echo "foodtransfer: switching TensorFlow builds: removing the installed one"; \
 	  $(BIN)/python -m pip uninstall --quiet -y tensorflow tensorflow-cpu; \
 	  rm -f $(VENV)/.installed*; fi
-	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_BUILD),onnx,demo,sweep]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_BUILD),onnx,demo,sweep,team]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,7 +44,7 @@ def make(folder: Path, *args: str, gpu_listing: str | None) -> subprocess.Comple
 def test_a_visible_gpu_installs_the_cuda_build(folder: Path) -> None:
     result = make(folder, "-n", "install", gpu_listing=GPU_LISTING)
     assert result.returncode == 0, result.stderr
-    assert "pip install --quiet -e '.[dev,gpu,onnx,demo,sweep]'" in result.stdout
+    assert "pip install --quiet -e '.[dev,gpu,onnx,demo,sweep,team]'" in result.stdout
     assert "TensorFlow for the GPU: tensorflow[and-cuda] (GPU=1" in result.stdout
     assert "touch .venv/.installed-gpu" in result.stdout
 
@@ -53,14 +53,14 @@ def test_no_gpu_installs_the_cpu_build(folder: Path) -> None:
     for listing in (None, "No devices were found"):
         result = make(folder, "-n", "install", gpu_listing=listing)
         assert result.returncode == 0, result.stderr
-        assert "pip install --quiet -e '.[dev,cpu,onnx,demo,sweep]'" in result.stdout, listing
+        assert "pip install --quiet -e '.[dev,cpu,onnx,demo,sweep,team]'" in result.stdout, listing
         assert "TensorFlow for the CPU: tensorflow-cpu (GPU=0" in result.stdout
 
 
 def test_gpu_0_or_1_overrides_the_detection(folder: Path) -> None:
-    assert "'.[dev,cpu,onnx,demo,sweep]'" in make(folder, "-n", "install", "GPU=0",
+    assert "'.[dev,cpu,onnx,demo,sweep,team]'" in make(folder, "-n", "install", "GPU=0",
                                   gpu_listing=GPU_LISTING).stdout
-    assert "'.[dev,gpu,onnx,demo,sweep]'" in make(folder, "-n", "install", "GPU=1", gpu_listing=None).stdout
+    assert "'.[dev,gpu,onnx,demo,sweep,team]'" in make(folder, "-n", "install", "GPU=1", gpu_listing=None).stdout
     result = make(folder, "-n", "install", "GPU=yes", gpu_listing=None)
     assert result.returncode != 0 and "GPU=yes: use GPU=1" in result.stderr
 
@@ -76,7 +76,7 @@ def test_the_stamp_records_the_choice_and_a_switch_reinstalls(folder: Path) -> N
     assert make(folder, "-q", "install", gpu_listing=GPU_LISTING).returncode == 1
     recipe = make(folder, "-n", "install", gpu_listing=GPU_LISTING).stdout
     assert "pip uninstall --quiet -y tensorflow tensorflow-cpu" in recipe
-    assert recipe.index("uninstall") < recipe.index("'.[dev,gpu,onnx,demo,sweep]'")
+    assert recipe.index("uninstall") < recipe.index("'.[dev,gpu,onnx,demo,sweep,team]'")
 
 
 def test_the_switch_step_runs(folder: Path) -> None:
@@ -93,7 +93,7 @@ def test_the_switch_step_runs(folder: Path) -> None:
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert "-m pip uninstall --quiet -y tensorflow tensorflow-cpu" in calls
-    assert calls[-1] == "-m pip install --quiet -e .[dev,gpu,onnx,demo,sweep]"
+    assert calls[-1] == "-m pip install --quiet -e .[dev,gpu,onnx,demo,sweep,team]"
     assert sorted(p.name for p in venv.glob(".installed*")) == [".installed-gpu"]
     log.unlink()
     assert make(folder, "install", gpu_listing=GPU_LISTING).returncode == 0

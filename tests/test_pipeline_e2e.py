@@ -529,14 +529,18 @@ def test_report_parent_runs_group_each_execution(pipeline):
 
 
 def test_repro_moves_the_champion_and_an_experiment_registers_a_challenger(pipeline):
-    """Each execution registers its winner (best by validation accuracy) as a new version with
-    its provenance; dvc repro points @champion at it, dvc exp run @challenger."""
+    """Each execution registers its winner (best by validation accuracy) as a new candidate
+    version with its provenance; dvc repro promotes it (a copy in the production model, its
+    @champion), dvc exp run gets @challenger of the candidates."""
     repo = pipeline["repo"]
     client, parents = pipeline_runs(repo)
     first, second = parents
     champion = client.get_model_version_by_alias("food101-classifier", "champion")
-    challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
-    assert str(champion.version) == first.data.tags["registered_model_version"]
+    challenger = client.get_model_version_by_alias("food101-classifier-candidates",
+                                                   "challenger")
+    assert champion.tags["candidate_version"] == first.data.tags["registered_model_version"]
+    assert champion.source == ("models:/food101-classifier-candidates/"
+                               + first.data.tags["registered_model_version"])
     assert str(challenger.version) == second.data.tags["registered_model_version"]
     assert first.data.tags["registered_model_alias"] == "champion"
     assert second.data.tags["registered_model_alias"] == "challenger"
@@ -555,8 +559,9 @@ def test_repro_moves_the_champion_and_an_experiment_registers_a_challenger(pipel
         assert re.fullmatch(r"\[[01]\.\d{4}, [01]\.\d{4}\]", tags["test_accuracy_ci"]), tags
         assert float(tags["val_accuracy"]) >= LEARNS
     text = (repo / "reports" / "comparison.md").read_text()  # the experiment's report
-    assert f"version {challenger.version} with the alias `challenger`" in text
-    assert f"foodtransfer promote {challenger.version}" in text
+    assert (f"registered as version {challenger.version} of `food101-classifier-candidates` "
+            "with the alias `@challenger`") in text
+    assert f"did not move (`foodtransfer promote {challenger.version}` moves it)" in text
 
 
 def test_the_champion_takes_raw_images(pipeline):
@@ -914,28 +919,31 @@ def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
 
     repo, env = seeded["repo"], seeded["env"]
     client, parents = pipeline_runs(repo)
-    versions = client.search_model_versions("name = 'food101-classifier'")
+    versions = client.search_model_versions("name = 'food101-classifier-candidates'")
     assert len(versions) == 4  # repro, drop03, the two queued experiments
     champion = client.get_model_version_by_alias("food101-classifier", "champion")
-    assert str(champion.version) == parents[0].data.tags["registered_model_version"]
-    challenger = client.get_model_version_by_alias("food101-classifier", "challenger")
+    assert champion.tags["candidate_version"] == parents[0].data.tags[
+        "registered_model_version"]
+    challenger = client.get_model_version_by_alias("food101-classifier-candidates",
+                                                   "challenger")
     assert int(challenger.version) == max(int(v.version) for v in versions)
     queued = [v for v in versions if v.tags.get("dvc_exp_name") not in (None, "drop03")]
     assert len(queued) == 2
     drop03 = next(v for v in versions if v.tags.get("dvc_exp_name") == "drop03")
     script = str(Path(sys.executable).parent / "foodtransfer")
     promoted = run([script, "promote", "drop03"], repo, env).stdout
-    assert f"@champion of food101-classifier -> v{drop03.version}" in promoted, promoted
-    assert f"replacing v{champion.version}" in promoted
+    now = client.get_model_version_by_alias("food101-classifier", "champion")
+    assert now.tags["candidate_version"] == str(drop03.version)
+    assert (f"@champion of food101-classifier -> v{now.version}, a copy of "
+            f"food101-classifier-candidates v{drop03.version}") in promoted, promoted
+    assert f"replacing food101-classifier v{champion.version}" in promoted
     assert re.search(r"on the same \d+ validation images: .* McNemar p = ", promoted), promoted
-    assert client.get_model_version_by_alias("food101-classifier",
-                                             "champion").version == drop03.version
     again = run([script, "promote", str(drop03.version)], repo, env).stdout
     assert "is already @champion" in again
     unknown = subprocess.run([script, "promote", "no-such-exp"], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=300)
-    assert unknown.returncode == 2 and "no version of 'food101-classifier' matches" in \
-        unknown.stderr
+    assert unknown.returncode == 2 and ("no version of 'food101-classifier-candidates' "
+                                        "matches") in unknown.stderr
     # predict follows the champion
     from PIL import Image
 
@@ -946,7 +954,8 @@ def test_experiments_leave_the_champion_and_promote_moves_it(seeded):
                             env).stdout)
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     try:
-        model = mlflow.pyfunc.load_model(f"models:/food101-classifier/{drop03.version}")
+        model = mlflow.pyfunc.load_model(
+            f"models:/food101-classifier-candidates/{drop03.version}")
         expected = model.predict(np.asarray(Image.open(photo))[None].astype("float32"))
     finally:
         mlflow.set_tracking_uri(None)

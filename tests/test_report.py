@@ -144,7 +144,8 @@ def test_changed_params_lists_only_differences() -> None:
 def test_comparison_markdown(outputs: ReportPaths) -> None:
     results = load_results(outputs.sources)
     context = ReportContext(experiment="exp", data_version="abc123def456", parent_run_id="P1",
-                            registered_model="food", registered_version="7",
+                            registered_model="food-candidates", production_model="food",
+                            registered_version="7",
                             run_owner={"baseline": "P0", "transfer": "P1", "dropout": "P1",
                                        "finetune": "P1"})
     text = comparison_markdown(results, "dropout", {"dropout": (0.3, 0.6)}, context)
@@ -154,7 +155,8 @@ def test_comparison_markdown(outputs: ReportPaths) -> None:
                    for line in text.splitlines()), variant
     assert "| **dropout** | 0.850 | 1.000 | 0.800 | 0.900 | 3 | 2 | 0.25 | 100 / 1,000 |" in text
     assert "abc123def456" in text and "`P1`" in text
-    assert "models:/food@champion" in text and "version 7" in text
+    assert ("registered as version 7 of `food-candidates` and promoted: `@champion` of `food` "
+            "now points at a copy of it, `models:/food@champion`") in text
     assert "reused from pipeline run `P0`" in text  # baseline came from an earlier run
     assert "| `dropout` | 0.3 | 0.6 |" in text
     assert "untrained baseline scores 0.330" in text
@@ -314,7 +316,8 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
     paths = write_outputs(store, run_ids)
     summary = run_report(params, paths)
-    assert "champion dropout" in summary and "food v1 @champion" in summary
+    assert "champion dropout" in summary
+    assert "-> food-candidates v1; food v1 @champion" in summary  # the workspace promotes
 
     for name in REPORT_FILES:
         assert (paths.reports / name).stat().st_size > 0
@@ -341,9 +344,10 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
 
     champion = client.get_model_version_by_alias("food", "champion")
     assert champion.run_id == run_ids["dropout"]
-    assert champion.tags["variant"] == "dropout"
+    assert champion.tags["variant"] == "dropout" and champion.tags["candidate_version"] == "1"
+    assert champion.source == "models:/food-candidates/1"
     assert json.loads(champion.tags["class_names"]) == CLASSES
-    assert "raw RGB images" in client.get_registered_model("food").description
+    assert "raw RGB images" in client.get_registered_model("food-candidates").description
 
     # A second execution that re-trains only finetune (now the best on validation): the new
     # parent nests only finetune, the others stay with the run that trained them.
@@ -361,12 +365,13 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
         paths.reports / "comparison.md").read_text()
     champion = client.get_model_version_by_alias("food", "champion")
     assert (str(champion.version), champion.run_id) == ("2", new_finetune)
+    assert champion.tags["candidate_version"] == "2"
 
-    # Re-running the report is another execution: its winner gets a version of its own (the
-    # same model), with its own provenance, and the champion alias.
+    # Re-running the report is another execution: its winner gets a candidate version of its
+    # own (the same model), with its own provenance, and is promoted.
     run_report(params, paths)
-    versions = client.search_model_versions("name = 'food'")
-    assert len(versions) == 3
+    assert len(client.search_model_versions("name = 'food-candidates'")) == 3
+    assert len(client.search_model_versions("name = 'food'")) == 3
     third = client.get_model_version_by_alias("food", "champion")
     assert str(third.version) == "3" and third.run_id == new_finetune
     assert third.tags["pipeline_run_id"] != champion.tags["pipeline_run_id"]
@@ -416,20 +421,26 @@ def test_report_stage_script(store: Path) -> None:
 
 def test_an_experiment_moves_the_challenger_and_a_first_one_the_champion_too(
         store: Path, monkeypatch) -> None:
-    """Inside a DVC experiment (DVC_EXP_NAME) the winner gets @challenger; the champion stays,
-    unless there is none yet. An unregistered variant is refused, naming the registry."""
+    """Inside a DVC experiment (DVC_EXP_NAME) the winner gets @challenger of the candidates;
+    the champion stays, unless there is none yet. The report says what the registry did. An
+    unregistered variant is refused, naming the registry."""
     client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
     params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
     run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
     paths = write_outputs(store, run_ids)
     monkeypatch.setenv("DVC_EXP_NAME", "first-exp")
-    assert "food v1 @challenger @champion" in run_report(params, paths)
+    first = run_report(params, paths)
+    assert "food-candidates v1 @challenger, food v1 @champion;" in first
+    assert "and promoted: `@champion` of `food`" in (paths.reports / "comparison.md").read_text()
     monkeypatch.setenv("DVC_EXP_NAME", "second-exp")
-    assert "food v2 @challenger;" in run_report(params, paths)
+    second = run_report(params, paths)
+    assert "food-candidates v2 @challenger;" in second and "@champion" not in second
     assert str(client.get_model_version_by_alias("food", "champion").version) == "1"
-    challenger = client.get_model_version_by_alias("food", "challenger")
+    challenger = client.get_model_version_by_alias("food-candidates", "challenger")
     assert str(challenger.version) == "2" and challenger.tags["dvc_exp_name"] == "second-exp"
-    assert "the alias `challenger`" in (paths.reports / "comparison.md").read_text()
+    assert ("with the alias `@challenger`, `models:/food-candidates@challenger`; `@champion` "
+            "of `food` did not move (`foodtransfer promote 2` moves it)") in (
+        paths.reports / "comparison.md").read_text()
 
     from foodtransfer.errors import DataError
 
@@ -449,17 +460,17 @@ def test_the_alias_moves_after_the_run_ended_and_the_files_landed(
     params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
     paths = write_outputs(store, {v: log_variant_run("unit", v) for v in VARIANTS})
     seen = {}
-    real = registry.move_aliases
+    real = registry.settle_aliases
 
-    def observed(name: str, alias: str, version: str) -> list[str]:
+    def observed(name: str, version: str, experiment: bool) -> list[str]:
         experiment = client.get_experiment_by_name("unit")
         (parent,) = client.search_runs([experiment.experiment_id],
                                        "tags.run_kind = 'pipeline'")
         seen.update(status=parent.info.status, outputs=parent.data.tags.get("outputs"),
                     published=sorted(p.name for p in paths.reports.iterdir()))
-        return real(name, alias, version)
+        return real(name, version, experiment)
 
-    monkeypatch.setattr(registry, "move_aliases", observed)
+    monkeypatch.setattr(registry, "settle_aliases", observed)
     run_report(params, paths)
     assert seen == {"status": "FINISHED", "outputs": "published",
                     "published": sorted(REPORT_FILES)}

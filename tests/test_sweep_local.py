@@ -60,12 +60,12 @@ def test_a_first_sweep_keeps_every_artifact_it_logged(fresh) -> None:
         assert pipeline.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())
         # The clone's code ran, and says so.
         assert "foodtransfer-sweep-" in pipeline.data.tags["code_path"]
-    versions = client.search_model_versions("name = 'swept'")
+    versions = client.search_model_versions("name = 'swept-candidates'")
     assert len(versions) == 2
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     try:
         for version in versions:
-            model = mlflow.pyfunc.load_model(f"models:/swept/{version.version}")
+            model = mlflow.pyfunc.load_model(f"models:/swept-candidates/{version.version}")
             assert model.metadata is not None
     finally:
         mlflow.set_tracking_uri(None)

@@ -1,8 +1,13 @@
-"""Team scale for real, on loopback: a real `mlflow server` (SQLite backend, proxied artifacts)
-that the tiny pipeline logs to, a local-directory DVC remote with a bare git remote between
-three clones, and the server stopped in the middle of a stage.
+"""Team scale for real, on loopback: a real `mlflow server --app-name basic-auth` (SQLite
+backend, proxied artifacts, MLflow's users and permissions) that the tiny pipeline logs to, a
+local-directory DVC remote with a bare git remote between three clones, and the server stopped
+in the middle of a stage.
 
-A: runs the pipeline against the server, pushes (git and DVC), runs and pushes an experiment.
+Two users besides the admin: `trainer` (trains, registers candidates: READ by default, MANAGE
+on what it creates) and `promoter` (EDIT on the production model, which the admin created).
+A (the trainer): runs the pipeline against the server, which registers a candidate and moves
+no @champion; the trainer's `promote` is refused, the promoter's succeeds and predict follows
+it. A pushes (git and DVC), runs and pushes an experiment.
 B: clones, `dvc pull`s the same outputs (nothing to re-run), pulls the experiment.
 C: clones and runs `dvc exp run --pull`: upstream outputs come from the remote, not recomputed;
    its report looks up the reused variants' runs (their ids in pulled artifacts) on the server.
@@ -14,8 +19,10 @@ task; an unreachable scheduler is one clear line, exit code 2, nothing half-done
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,25 +42,59 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
+ADMIN = ("admin", "admin-password-for-tests")
+TRAINER = ("trainer", "trainer-password-1")
+PROMOTER = ("promoter", "promoter-password-1")
+PRODUCTION = "food101-classifier"
+
+
+def login(user: tuple[str, str]) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": user[0], "MLFLOW_TRACKING_PASSWORD": user[1]}
+
+
 class TrackingServer:
-    """`mlflow server` on a loopback port, restartable on the same port and store."""
+    """`mlflow server --app-name basic-auth` on a loopback port (users in its own SQLite
+    database, READ for everyone by default), restartable on the same port and stores."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "artifacts").mkdir(parents=True, exist_ok=True)
-        self.command = [str(BIN / "mlflow"), "server",
+        (root / "basic_auth.ini").write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{root / 'auth.db'}\n"
+            f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        self.command = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
                         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                         "--serve-artifacts", "--artifacts-destination",
                         (root / "artifacts").as_uri(),
                         "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-for-the-tests"}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            self.env.pop(name, None)
 
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.process = start_server(self.command, f"{self.url}/health",
-                                    self.root / "server.log", cwd=self.root)
+                                    self.root / "server.log", cwd=self.root, env=self.env)
+
+    def set_up_users(self) -> None:
+        """What docs/scale.md has an admin do on a new server: users, the production model,
+        and EDIT on it for the promoter only."""
+        from mlflow.server import get_app_client
+
+        with _as(ADMIN):
+            admin = get_app_client("basic-auth", tracking_uri=self.url)
+            admin.create_user(*TRAINER)
+            admin.create_user(*PROMOTER)
+            from mlflow import MlflowClient
+
+            MlflowClient(self.url).create_registered_model(PRODUCTION)
+            admin.grant_user_permission(PROMOTER[0], "registered_model", PRODUCTION, "EDIT")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -61,7 +102,23 @@ class TrackingServer:
             self.process = None
 
 
+@contextlib.contextmanager
+def _as(user: tuple[str, str]) -> Iterator[None]:
+    """This test process's MLflow calls log in as ``user`` for the block."""
+    saved = {name: os.environ.get(name) for name in login(user)}
+    os.environ.update(login(user))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def client_for(server: TrackingServer):
+    """A client of the server; the module's tests read as the trainer (see ``team``)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=server.url)
@@ -86,17 +143,27 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
     root = tmp_path_factory.mktemp("team")
     server = TrackingServer(root / "server")
     server.start()
+    reader = contextlib.ExitStack()
     try:
+        server.set_up_users()
+        reader.enter_context(_as(TRAINER))  # this process's own MLflow calls: the trainer
         (root / "a").mkdir()
         a, env = make_repo(root / "a", TINY, standin_weights)
         # SQLite behind the server has one writer: sample system metrics every 5 s, not 1 s.
         env = {**env, "MLFLOW_TRACKING_URI": server.url,
-               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
+               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5", **login(TRAINER)}
         remote, origin = root / "dvc-remote", root / "origin.git"
         run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, env)
         git(a, env, "remote", "add", "origin", str(origin))
         run(["dvc", "remote", "add", "-d", "storage", str(remote)], a, env)
         first = run(["dvc", "repro"], a, env)
+        # On the team server the pipeline promotes nothing: the trainer may not, the
+        # promoter may.
+        script = str(BIN / "foodtransfer")
+        trainer_promote = subprocess.run([script, "promote", "1"], cwd=a, env=env,
+                                         capture_output=True, text=True, timeout=300)
+        champion_after_refusal = _champion(server)
+        promoted = run([script, "promote", "1"], a, {**env, **login(PROMOTER)})
         run(["dvc", "push"], a, env)
         git(a, env, "add", "-A")
         git(a, env, "commit", "-qm", "pipeline run, remote")
@@ -122,12 +189,88 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
         yield {"server": server, "root": root, "a": a, "b": b, "c": c, "env": env,
                "first": first, "experiment": experiment, "pull": pull, "repro_b": repro_b,
                "shown": shown, "pulled_run": pulled_run, "drop03_metrics": drop03_metrics,
-               "pushed": pushed}
+               "pushed": pushed, "trainer_promote": trainer_promote,
+               "champion_after_refusal": champion_after_refusal, "promoted": promoted}
     finally:
+        reader.close()
         server.stop()
 
 
+def _champion(server: TrackingServer) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client_for(server).get_model_version_by_alias(PRODUCTION,
+                                                                 "champion").version)
+    except MlflowException:
+        return None
+
+
 # ------------------------------------------------------------------- the tracking server
+def test_only_a_promoter_moves_the_champion(team) -> None:
+    """The trainer's pipeline registered a candidate and moved no @champion; the trainer's
+    promote was refused in one line and moved nothing; the promoter's made the champion."""
+    assert "food101-classifier-candidates v1 @challenger;" in team["first"].stdout, \
+        team["first"].stdout
+    refused = team["trainer_promote"]
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert ("foodtransfer promote: error: the tracking server http://127.0.0.1:"
+            in refused.stderr)
+    assert ("denied MLFLOW_TRACKING_USERNAME='trainer' promotion (a new version of "
+            "'food101-classifier' and its @champion); @champion did not move (403 permission "
+            "denied)") in refused.stderr, refused.stderr
+    assert team["champion_after_refusal"] is None
+    assert ("@champion of food101-classifier -> v1, a copy of food101-classifier-candidates v1"
+            in team["promoted"].stdout), team["promoted"].stdout
+    client = client_for(team["server"])
+    assert len(client.search_model_versions(f"name = '{PRODUCTION}'")) == 1  # none refused
+    champion = client.get_model_version_by_alias(PRODUCTION, "champion")
+    assert champion.tags["candidate_version"] == "1"
+    # The trainer cannot move the alias by hand either: the server says so.
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+        client.set_registered_model_alias(PRODUCTION, "champion", "1")
+
+
+def test_a_missing_or_refused_login_fails_every_command_fast_in_one_line(team) -> None:
+    from foodtransfer.dag import load_stages
+
+    a = team["a"]
+    anonymous = {k: v for k, v in team["env"].items()
+                 if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    wrong = {**team["env"], "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    lock_before = (a / "dvc.lock").read_bytes()
+    script = str(BIN / "foodtransfer")
+    # Each stage's command as DVC runs it (straight, so that DVC does not remove the
+    # outputs of a stage it was forced to re-run).
+    python = str(BIN / "python")
+    commands = {f"stage {name}": ["bash", "-c", stage["cmd"].replace("python ", f"{python} ", 1)]
+                for name, stage in load_stages(a).items()}
+    commands.update({"predict": [script, "predict", str(a / "dvc.yaml")],
+                     "promote": [script, "promote", "1"], "compare": [script, "compare"],
+                     "serve": [script, "serve", "--port", str(free_port())],
+                     "sweep": [script, "sweep", "-S", "dropout=0.3,0.4"]})
+    for what, command in commands.items():
+        for env, expected in ((anonymous, "asks for a login and none is set: set "
+                                          "MLFLOW_TRACKING_USERNAME and "
+                                          "MLFLOW_TRACKING_PASSWORD"),
+                              (wrong, "refused the login of "
+                                      "MLFLOW_TRACKING_USERNAME='trainer' (401")):
+            started = time.monotonic()
+            result = subprocess.run(command, cwd=a, env=env, capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode != 0, (what, result.stdout, result.stderr)
+            assert time.monotonic() - started < 60, what
+            errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+            assert len(errors) == 1 and expected in errors[0], (what, result.stderr)
+            assert "Traceback" not in result.stderr, (what, result.stderr)
+            assert result.returncode == 2, (what, result.returncode)
+    assert (a / "dvc.lock").read_bytes() == lock_before
+    assert _champion(team["server"]) == "1"
+
+
 def test_runs_params_metrics_and_nesting_live_on_the_server(team) -> None:
     client = client_for(team["server"])
     experiment = client.get_experiment_by_name("e2e")

@@ -7,8 +7,9 @@
   docs/results/).
 - ``foodtransfer sweep -S KEY=V1,V2 ...``: a grid of DVC experiments on a Dask cluster, then
   compare.
-- ``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: move ``@champion`` to that registered
-  version, with a paired comparison on validation against the champion it replaces.
+- ``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: copy that candidate version into the
+  production model and move ``@champion`` to it, with a paired comparison on validation
+  against the champion it replaces.
 - ``foodtransfer serve [--model-uri URI] [--port 5001]``: the champion over HTTP (MLflow's
   scoring server, localhost).
 - ``foodtransfer export [--out DIR] [--format onnx]``: the champion as a TensorFlow SavedModel
@@ -209,13 +210,15 @@ def sweep(
 @app.command()
 def promote(
     reference: str = typer.Argument(..., metavar="VERSION|RUN_ID|EXP_NAME",
-                                    help="A registered version number, the MLflow run id it "
-                                         "came from, or a DVC experiment name."),
+                                    help="A candidate's version number (of "
+                                         "<mlflow.registered_model>-candidates), the MLflow "
+                                         "run id it came from, or a DVC experiment name."),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the registered model's name is read."),
 ) -> None:
-    """Point @champion at a registered version (what predict and serve use), after a paired
-    comparison with the champion it replaces on the validation images."""
+    """Copy a candidate version into the production model and point its @champion at the
+    copy (what predict, serve and demo use), after a paired comparison with the champion it
+    replaces on the validation images."""
     with _user_errors("promote"):
         from foodtransfer.promote import promote as promote_version
         from foodtransfer.tracking.store import connect_existing

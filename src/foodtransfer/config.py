@@ -157,7 +157,8 @@ class FinetuneConfig(Section):
 
 class MlflowConfig(Section):
     experiment: NonEmpty = "food101-transfer"
-    # The model registry name of the champion (best variant by validation accuracy).
+    # The production model: its @champion is what predict and serve use. Each execution
+    # registers its winner (best variant by validation accuracy) in <name>-candidates.
     registered_model: NonEmpty = "food101-classifier"
 
 

@@ -104,9 +104,10 @@ class ReportContext:
     parent_run_id: str | None = None
     git_commit: str | None = None
     dvc_exp_name: str | None = None
-    registered_model: str | None = None
+    registered_model: str | None = None  # the candidates model the winner is registered in
+    production_model: str | None = None  # the model whose @champion predict and serve use
     registered_version: str | None = None
-    registered_alias: str = CHAMPION_ALIAS
+    registered_alias: str = CHAMPION_ALIAS  # champion: promoted; challenger: not
     run_owner: dict[str, str] | None = None  # variant -> pipeline run that trained it
     keep_epoch: str | None = None  # the rule that chose each variant's kept epoch
 
@@ -117,13 +118,17 @@ def _champion_lines(results: dict[str, Any], champion: str, runner_up: Pair | No
     line = (f"**Champion: {champion}** (validation accuracy {best['best_val_accuracy']:.3f}; "
             "chosen on validation, never on test)")
     if context.registered_model:
-        alias = context.registered_alias
-        line += (f", registered as `{context.registered_model}` version "
-                 f"{context.registered_version} with the alias `{alias}`: "
-                 f"`models:/{context.registered_model}@{alias}`")
-        if alias != CHAMPION_ALIAS:
-            line += (f" (a DVC experiment's winner: `@{CHAMPION_ALIAS}` stays where it was; "
-                     f"`foodtransfer promote {context.registered_version}` moves it)")
+        line += (f", registered as version {context.registered_version} of "
+                 f"`{context.registered_model}`")
+        production = context.production_model or context.registered_model
+        if context.registered_alias == CHAMPION_ALIAS:
+            line += (f" and promoted: `@{CHAMPION_ALIAS}` of `{production}` now points at a "
+                     f"copy of it, `models:/{production}@{CHAMPION_ALIAS}`")
+        else:
+            line += (f" with the alias `@{context.registered_alias}`, "
+                     f"`models:/{context.registered_model}@{context.registered_alias}`; "
+                     f"`@{CHAMPION_ALIAS}` of `{production}` did not move (`foodtransfer "
+                     f"promote {context.registered_version}` moves it)")
     lines = [line + "."]
     if runner_up is not None:
         parts = [f"on {where} {difference_text(diff)}"

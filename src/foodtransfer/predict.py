@@ -116,7 +116,10 @@ def check_store(model_uri: str) -> None:
     create an empty ``mlflow.db``) when the project's store does not exist."""
     from foodtransfer.tracking import store
 
-    if not model_uri.startswith(("models:/", "runs:/")) or store.custom_tracking_uri():
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return
+    if store.custom_tracking_uri():
+        store.check_login()  # a team server: its login, in one line, before anything else
         return
     database = store.default_store_dir() / "mlflow.db"
     if not database.is_file():
@@ -141,8 +144,10 @@ def input_size(model_uri: str) -> tuple[int, int]:
     except Exception as error:  # MLflow raises many types for a URI it cannot resolve
         hint = ""
         if model_uri.startswith("models:/") and model_uri.endswith(f"@{CHAMPION_ALIAS}"):
-            hint = (" The report stage registers the champion: run 'dvc repro' first, check "
-                    "mlflow.registered_model in params.yaml, or pass --model-uri.")
+            hint = (" A champion exists once a candidate is promoted: run 'dvc repro' first "
+                    "(on the project's own store it promotes its winner) or 'foodtransfer "
+                    "promote N', check mlflow.registered_model in params.yaml, or pass "
+                    "--model-uri.")
         raise ModelLoadError(
             f"cannot load the model {model_uri} from {store.tracking_uri()}: "
             f"{_short(error)}.{hint} Use runs:/<run_id>/model, models:/<name>@<alias>, "

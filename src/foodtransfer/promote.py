@@ -1,8 +1,10 @@
 """``foodtransfer promote VERSION|RUN_ID|EXP_NAME``: move ``@champion`` deliberately.
 
-It resolves the version, compares it with the champion it replaces on the validation images
-(paired: the difference in accuracy with its 95 % bootstrap interval and exact McNemar p; the
-test set is never looked at for a choice), moves the alias and says what changed.
+It resolves the candidate version (of ``<mlflow.registered_model>-candidates``), compares it
+with the champion it replaces on the validation images (paired: the difference in accuracy
+with its 95 % bootstrap interval and exact McNemar p; the test set is never looked at for a
+choice), copies it into the production model, points ``@champion`` at the copy and says what
+changed. On a tracking server the server decides who may: EDIT on the production model.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any
 
 import pandas as pd
 
+from foodtransfer.errors import TrackingError
 from foodtransfer.evaluation import right_per_image
-from foodtransfer.tracking.registry import (CHAMPION_ALIAS, resolve_version, set_alias,
-                                            version_by_alias)
-from foodtransfer.tracking.store import retry_on_lock
+from foodtransfer.tracking.registry import (CANDIDATE_TAG, CHAMPION_ALIAS, candidates_model,
+                                            copy_to_production, on_team_server,
+                                            resolve_version, version_by_alias)
+from foodtransfer.tracking.store import alias_lock, login_error, retry_on_lock, tracking_uri
 
 VALIDATION_PREDICTIONS = "val_predictions.csv"  # a variant run's artifact
 
@@ -38,8 +42,10 @@ def describe(version: Any) -> str:
     tags = version.tags
     where = f"DVC experiment {tags['dvc_exp_name']}" if tags.get("dvc_exp_name") else \
         "the main workspace"
-    return (f"v{version.version} ({tags.get('variant', '?')} from {where}, validation "
-            f"accuracy {tags.get('val_accuracy', tags.get('best_val_accuracy', '?'))})")
+    copied = f", a copy of candidate v{tags[CANDIDATE_TAG]}" if tags.get(CANDIDATE_TAG) else ""
+    return (f"{version.name} v{version.version} ({tags.get('variant', '?')} from {where}"
+            f"{copied}, validation accuracy "
+            f"{tags.get('val_accuracy', tags.get('best_val_accuracy', '?'))})")
 
 
 def paired_comparison(new: Any, old: Any) -> str:
@@ -64,16 +70,45 @@ def paired_comparison(new: Any, old: Any) -> str:
 
 
 def promote(reference: str, registered_model: str) -> str:
-    """Point ``@champion`` of ``registered_model`` at the version ``reference`` names;
-    returns what it did, with the paired comparison against the champion it replaces."""
-    new = resolve_version(registered_model, reference)
-    old = version_by_alias(registered_model, CHAMPION_ALIAS)
-    if old is not None and old.version == new.version:
-        return f"{describe(new)} is already @{CHAMPION_ALIAS} of {registered_model}."
-    comparison = paired_comparison(new, old) if old is not None else ""
-    set_alias(registered_model, CHAMPION_ALIAS, new.version)
-    if old is None:
-        return f"@{CHAMPION_ALIAS} of {registered_model} -> {describe(new)} (there was none)."
-    return (f"@{CHAMPION_ALIAS} of {registered_model} -> {describe(new)}, replacing "
-            f"{describe(old)}; {comparison}")
+    """Copy the candidate version ``reference`` names into the production model
+    ``registered_model`` and point its ``@champion`` at the copy; returns what it did, with
+    the paired comparison against the champion it replaces."""
+    import mlflow
 
+    new = resolve_version(candidates_model(registered_model), reference)
+    old = version_by_alias(registered_model, CHAMPION_ALIAS)
+    if old is not None and old.tags.get(CANDIDATE_TAG) == str(new.version):
+        return (f"{describe(new)} is already @{CHAMPION_ALIAS} of {registered_model} "
+                f"(v{old.version}).")
+    if old is None and on_team_server() and not _exists(registered_model):
+        raise TrackingError(
+            f"the production model {registered_model!r} does not exist on {tracking_uri()}: "
+            "on a team server its admin creates it and grants promoters EDIT on it "
+            "(docs/scale.md), so that promotion stays theirs.")
+    comparison = paired_comparison(new, old) if old is not None else ""
+    try:
+        with alias_lock():
+            production = copy_to_production(registered_model, str(new.version))
+    except mlflow.exceptions.MlflowException as error:
+        problem = login_error(error, tracking_uri(),
+                              f"promotion (a new version of {registered_model!r} and its "
+                              f"@{CHAMPION_ALIAS}); @{CHAMPION_ALIAS} did not move")
+        if problem is not None:
+            raise problem from None
+        raise
+    moved = f"@{CHAMPION_ALIAS} of {registered_model} -> v{production}, a copy of {describe(new)}"
+    if old is None:
+        return f"{moved} (there was none)."
+    return f"{moved}, replacing {describe(old)}; {comparison}"
+
+
+def _exists(name: str) -> bool:
+    import mlflow
+
+    try:
+        retry_on_lock(mlflow.MlflowClient().get_registered_model)(name)
+        return True
+    except mlflow.exceptions.MlflowException as error:
+        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise

@@ -315,6 +315,9 @@ def sweep(sets: list[str], project: Path, *, scheduler: str | None = None,
     else:
         git_remote, shared_cache = str(project), str(_cache_dir(project))
         dvc_remote = None
+    from foodtransfer.tracking.store import check_login
+
+    check_login(uri)  # a team server's login, before a cluster starts or anything is pushed
     client, cluster = connect(scheduler, workers)  # before anything is computed or pushed
     try:
         names = ", ".join(str(w.get("name", a)) for a, w in

@@ -275,10 +275,11 @@ def _model_description(results: dict[str, VariantResult]) -> str:
     return ("Food-101 image classifier (foodtransfer). Input: raw RGB images, float32 "
             "(n, image_size, image_size, 3), pixels 0..255; preprocessing is inside the model. "
             f"Output: a DataFrame of probabilities over {len(classes)} classes, one column per "
-            f"class name. The alias '{CHAMPION_ALIAS}' points at the best variant by validation "
-            "accuracy of the latest run in the main workspace (dvc repro), or at the version "
-            f"promoted with 'foodtransfer promote'; '{CHALLENGER_ALIAS}' at the winner of the "
-            "latest DVC experiment (dvc exp run).")
+            f"class name. Each pipeline execution registers its winner (best by validation "
+            "accuracy) in '<name>-candidates'; '@challenger' there is the latest experiment's. "
+            "The production model '<name>' holds copies of promoted candidates; its "
+            f"'@{CHAMPION_ALIAS}' is what predict and serve use (foodtransfer promote moves it; "
+            "on the project's own store, so does dvc repro in the main workspace).")
 
 
 def provenance(result: VariantResult, pipeline_run_id: str, version: str) -> dict[str, str]:
@@ -323,11 +324,13 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     groups this execution's variant runs, and register the champion. Returns the stage's
     summary line."""
     from foodtransfer.tracking import runs as tracking_runs
-    from foodtransfer.tracking.registry import execution_alias, move_aliases, register_version
+    from foodtransfer.tracking.registry import (candidates_model, in_experiment,
+                                                promotes_itself, register_version,
+                                                settle_aliases)
     from foodtransfer.tracking.store import connect, project_root
 
     results = load_results(sources)
-    alias = execution_alias()
+    experiment = in_experiment()
     champion = choose_best(results)
     second = runner_up(results, champion)
     pairs = paired_tests(results)
@@ -336,6 +339,11 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
     changed = changed_params(params)
     config = params.mlflow
     connect(config.experiment)
+    candidates = candidates_model(config.registered_model)
+    # What the registry will do, for the report (settle_aliases does it, last, and re-checks
+    # under the store's lock).
+    promote = promotes_itself(config.registered_model, experiment)
+    alias = CHAMPION_ALIAS if promote else CHALLENGER_ALIAS
     runs = tracking_runs.get_variant_runs(
         {name: result.run_id for name, result in results.items()})
     tags = {"data_version": version, "champion": champion,
@@ -353,7 +361,7 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
             write_figures(results, champion, trimmed, split, tmp)
             champion_run = runs[champion]
             registered_version = register_version(
-                champion_run.data.tags["model_uri"], config.registered_model,
+                champion_run.data.tags["model_uri"], candidates,
                 provenance(results[champion], parent.run_id, version),
                 description=_model_description(results))
             adopted = tracking_runs.adopt_runs(parent.run_id, runs)
@@ -366,14 +374,14 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
                 git_commit=(tracking_runs.git_commit(Path.cwd())
                             or tracking_runs.git_commit(project_root())),
                 dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
-                registered_model=config.registered_model,
+                registered_model=candidates, production_model=config.registered_model,
                 registered_version=registered_version, registered_alias=alias,
                 run_owner=owners, keep_epoch=params.keep_epoch)
             markdown = comparison_markdown(results, champion, changed, context, pairs,
                                            against_runner_up)
             (tmp / "comparison.md").write_text(markdown)
             (tmp / RUN_FILE).write_text(json.dumps(
-                {"pipeline_run_id": parent.run_id, "registered_model": config.registered_model,
+                {"pipeline_run_id": parent.run_id, "registered_model": candidates,
                  "registered_version": registered_version, "alias": alias}, indent=1) + "\n")
             for name in REPORT_FILES:
                 parent.log_artifact(tmp / name)
@@ -388,12 +396,12 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
                              "registered_model_alias": alias})
         publish(tmp, out)
         tracking_runs.mark_published(parent.run_id)
-        moved = move_aliases(config.registered_model, alias, registered_version)
+        moved = settle_aliases(config.registered_model, registered_version, experiment)
         reused = [name for name in results if name not in adopted]
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "
-            f"{best['test_accuracy']:.3f}) -> {config.registered_model} v{registered_version} "
-            f"{' '.join('@' + name for name in moved)}; pipeline run {parent.run_id} groups "
+            f"{best['test_accuracy']:.3f}) -> {candidates} v{registered_version}"
+            f"{'; ' + ', '.join(moved) if moved else ''}; pipeline run {parent.run_id} groups "
             f"{', '.join(adopted) or 'no new runs'}"
             + (f" (reused: {', '.join(reused)})" if reused else "")
             + f"; report in {out}/")

@@ -1,10 +1,18 @@
-"""The model registry: every pipeline execution registers its winner as a new version with its
-provenance; aliases say which version is in use.
+"""The model registry: two registered models, so that who may train is not who may deploy.
 
-- ``@champion``: the model ``predict``, ``serve`` and ``export`` use by default. ``dvc repro``
-  in the main workspace moves it; so does ``foodtransfer promote``, deliberately.
-- ``@challenger``: the winner of the latest DVC experiment (``dvc exp run``, queued or not):
-  an exploratory sweep never replaces the champion by itself.
+- ``<mlflow.registered_model>-candidates``: every pipeline execution registers its winner here
+  as a new version with its provenance. ``@challenger`` points at the winner of the latest
+  DVC experiment (``dvc exp run``, queued or not), and on a team server at the latest
+  execution's.
+- ``<mlflow.registered_model>``, the production model: ``@champion`` is the model
+  ``predict``, ``serve``, ``demo`` and ``export`` use by default. A version gets there only
+  by promotion: a copy of a candidate version (MLflow's ``copy_model_version``: same run,
+  same files, the candidate's tags plus ``candidate_version``).
+
+Who promotes: ``foodtransfer promote``, always. On the project's own store (one user) the
+main workspace's ``dvc repro`` promotes its winner too, and so does the first execution of a
+project without a champion. On a tracking server (http/https) only ``promote`` does: the
+server's permissions then say who may (EDIT on the production model: docs/scale.md).
 """
 
 from __future__ import annotations
@@ -20,15 +28,39 @@ CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 
 
+CANDIDATES_SUFFIX = "-candidates"
+CANDIDATE_TAG = "candidate_version"  # on a production version: the candidate it copies
+
+
 def champion_uri(registered_model: str) -> str:
     """``models:/<registered_model>@champion``: what predict and serve use by default."""
     return f"models:/{registered_model}@{CHAMPION_ALIAS}"
 
 
-def execution_alias() -> str:
-    """The alias this pipeline execution's winner gets: ``challenger`` inside a DVC
-    experiment (DVC sets DVC_EXP_NAME for ``dvc exp run``), ``champion`` for ``dvc repro``."""
-    return CHALLENGER_ALIAS if os.environ.get("DVC_EXP_NAME") else CHAMPION_ALIAS
+def candidates_model(registered_model: str) -> str:
+    """The registered model every execution registers its winner in."""
+    return f"{registered_model}{CANDIDATES_SUFFIX}"
+
+
+def in_experiment() -> bool:
+    """Whether this execution is a DVC experiment (DVC sets DVC_EXP_NAME for ``dvc exp
+    run``) rather than the main workspace's ``dvc repro``."""
+    return bool(os.environ.get("DVC_EXP_NAME"))
+
+
+def on_team_server() -> bool:
+    from foodtransfer.tracking.store import is_http, tracking_uri
+
+    return is_http(tracking_uri())
+
+
+def promotes_itself(name: str, experiment: bool) -> bool:
+    """Whether an execution promotes its own winner: never on a tracking server; on the
+    project's own store, the main workspace's always and an experiment's when the
+    production model has no champion yet (predict and serve then have a model)."""
+    if on_team_server():
+        return False
+    return not experiment or version_by_alias(name, CHAMPION_ALIAS) is None
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str],
@@ -52,24 +84,47 @@ def set_alias(name: str, alias: str, version: str) -> None:
     retry_on_lock(mlflow.MlflowClient().set_registered_model_alias)(name, alias, version)
 
 
-def move_aliases(name: str, alias: str, version: str) -> list[str]:
-    """Point ``alias`` at ``version``; a challenger also becomes the champion when there is
-    none yet (a first run that is an experiment: nothing is replaced, and predict and serve
-    have a model). Returns the aliases moved.
+def settle_aliases(name: str, version: str, experiment: bool) -> list[str]:
+    """After an execution registered ``version`` of the candidates model: point
+    ``@challenger`` at it unless it is promoted, and promote it when
+    :func:`promotes_itself`. Returns what moved, as ``<model> v<n> @<alias>``.
 
     On the project's own store the check and the moves hold the store's lock, so two
     experiments finishing at once (``dvc queue start -j 2``) cannot both find no champion:
-    the first makes its version the champion, the second only the challenger. (On a
-    tracking server, MLflow offers no lock: the last move wins, and each alias still names
-    a complete version.)"""
+    the first is promoted, the second is only the challenger."""
     from foodtransfer.tracking.store import alias_lock
 
+    candidates = candidates_model(name)
     with alias_lock():
-        set_alias(name, alias, version)
-        if alias == CHALLENGER_ALIAS and version_by_alias(name, CHAMPION_ALIAS) is None:
-            set_alias(name, CHAMPION_ALIAS, version)
-            return [alias, CHAMPION_ALIAS]
-        return [alias]
+        promote = promotes_itself(name, experiment)
+        moved = []
+        if experiment or not promote:
+            set_alias(candidates, CHALLENGER_ALIAS, version)
+            moved.append(f"{candidates} v{version} @{CHALLENGER_ALIAS}")
+        if promote:
+            production = copy_to_production(name, version)
+            moved.append(f"{name} v{production} @{CHAMPION_ALIAS}")
+        return moved
+
+
+def copy_to_production(name: str, candidate_version: str) -> str:
+    """Copy version ``candidate_version`` of the candidates model into the production model
+    ``name`` (created if it does not exist) and point ``@champion`` at the copy; returns the
+    copy's version. The caller holds the alias lock where there is one."""
+    import contextlib
+    import io
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    source = f"models:/{candidates_model(name)}/{candidate_version}"
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow narrates the copy
+        copied = retry_on_lock(client.copy_model_version)(source, name)
+    version = str(copied.version)
+    retry_on_lock(client.set_model_version_tag)(name, version, CANDIDATE_TAG,
+                                                str(candidate_version))
+    set_alias(name, CHAMPION_ALIAS, version)
+    return version
 
 
 def registered_version(model_uri: str) -> str | None:

@@ -139,6 +139,58 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                   "MLFLOW_TRACKING_TOKEN)")
+
+
+def _who() -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return f"MLFLOW_TRACKING_USERNAME={user!r}" if user else "MLFLOW_TRACKING_TOKEN"
+
+
+def login_error(error: BaseException, uri: str, doing: str = "") -> TrackingError | None:
+    """The one-line error for a tracking server that refused the login (401) or the
+    permission (403) ``error`` reports, or None when it is another kind of error."""
+    code = getattr(error, "error_code", None)
+    text = str(error)
+    if code == "UNAUTHENTICATED" or "error code 401" in text:
+        if not (os.environ.get("MLFLOW_TRACKING_USERNAME")
+                or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+            return TrackingError(
+                f"the tracking server {uri} asks for a login and none is set: set "
+                f"{LOGIN_VARIABLES} to your account on it (docs/scale.md).")
+        return TrackingError(
+            f"the tracking server {uri} refused the login of {_who()} (401 unauthenticated): "
+            "check MLFLOW_TRACKING_PASSWORD (or the token), or ask the server's admin for an "
+            "account (docs/scale.md).")
+    if code == "PERMISSION_DENIED" or "error code 403" in text:
+        return TrackingError(
+            f"the tracking server {uri} denied {_who()} {doing or 'this request'} (403 "
+            "permission denied): ask the server's admin for the permission (docs/scale.md).")
+    return None
+
+
+def check_login(uri: str | None = None) -> None:
+    """On a tracking server (http/https), one cheap request that fails fast, before any work,
+    with one line naming the variable when the login is missing or refused."""
+    uri = uri or tracking_uri()
+    if not is_http(uri):
+        return
+    import mlflow
+
+    try:
+        with _fail_fast_http(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:
+        problem = login_error(error, uri)
+        if problem is not None:
+            raise problem from None
+        raise TrackingError(
+            f"Cannot use the MLflow tracking server {uri} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Check MLFLOW_TRACKING_URI "
+            "(unset it to use the project's mlruns/ store) and the server.") from None
+
+
 def lost_server(error: BaseException) -> bool:
     """Whether ``error`` says the tracking server does not answer (not: it refused a call)."""
     text = f"{type(error).__name__}: {error}".lower()
@@ -286,6 +338,9 @@ def connect(experiment: str) -> str:
     except TrackingError:
         raise
     except Exception as error:
+        problem = login_error(error, uri, f"the experiment {experiment!r}")
+        if problem is not None:
+            raise problem from None
         raise TrackingError(
             f"Cannot use the MLflow tracking store {uri} ({type(error).__name__}: {error}). "
             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlruns/ store), the "
@@ -317,6 +372,9 @@ def connect_existing(experiment: str) -> str:
         with _fail_fast_http(uri):
             found = retry_on_lock(mlflow.MlflowClient().get_experiment_by_name)(experiment)
     except Exception as error:
+        problem = login_error(error, uri, f"the experiment {experiment!r}")
+        if problem is not None:
+            raise problem from None
         raise TrackingError(
             f"Cannot use the MLflow tracking store {uri} ({type(error).__name__}: {error}). "
             "Check MLFLOW_TRACKING_URI and the server.") from error
