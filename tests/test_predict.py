@@ -160,8 +160,19 @@ def test_predict_unreadable_image(in_project: dict, tmp_path: Path, content: byt
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(content)
     good = in_project["images"] / "a.jpg"
-    _assert_one_line_error(invoke("predict", str(good), str(bad)),
+    # The good photo is classified first; then the bad one is named, exit 2.
+    result = invoke("predict", str(good), str(bad))
+    _assert_one_line_error(result, "1 of 2 images could not be read: ",
                            f"{bad}: cannot read it as an image")
+    assert result.stdout.splitlines()[1] == str(good)
+    assert result.stdout.splitlines()[2].startswith("  1. ")
+    as_json = invoke("predict", str(good), str(bad), "--json")
+    assert as_json.exit_code == 2
+    output = json.loads(as_json.stdout)
+    assert [entry["image"] for entry in output["images"]] == [str(good)]
+    assert output["unreadable"][0].startswith(f"{bad}: cannot read it as an image")
+    # Only bad photos: the same one line, and no model loaded for nothing.
+    _assert_one_line_error(invoke("predict", str(bad)), f"{bad}: cannot read it as an image")
 
 
 def test_predict_folder_without_images(in_project: dict, tmp_path: Path) -> None:

@@ -83,13 +83,19 @@ def predict(
         from foodtransfer.predict import format_text, predict_files
 
         uri = model_uri or _default_model_uri(params)
-        predictions = predict_files(images, uri, top_k)
+        predictions, unreadable = predict_files(images, uri, top_k)
     if as_json:
         typer.echo(json.dumps({"model_uri": uri,
-                               "images": [p.as_dict() for p in predictions]}, indent=2))
+                               "images": [p.as_dict() for p in predictions],
+                               "unreadable": unreadable}, indent=2))
     else:
         typer.echo(f"model: {uri}")
         typer.echo(format_text(predictions))
+    if unreadable:  # the readable ones are classified above; then the others, exit 2
+        typer.secho(f"foodtransfer predict: error: {len(unreadable)} of "
+                    f"{len(unreadable) + len(predictions)} images could not be read: "
+                    + " ".join(unreadable), err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
 
 
 def _params_or_defaults(params_path: Path):

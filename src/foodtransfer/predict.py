@@ -70,19 +70,34 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def read_images(paths: Sequence[Path], height: int, width: int) -> np.ndarray:
-    """Decode ``paths`` to a uint8 array (n, height, width, 3), as the trim stage decodes."""
+    """Decode ``paths`` to a uint8 array (n, height, width, 3), as the trim stage decodes; the
+    first unreadable one raises ImageInputError."""
+    images, _, failures = read_readable(paths, height, width)
+    if failures:
+        raise ImageInputError(failures[0])
+    return images
+
+
+def read_readable(paths: Sequence[Path], height: int, width: int
+                  ) -> tuple[np.ndarray, list[Path], list[str]]:
+    """The images of ``paths`` that decode (as the trim stage decodes), their paths, and one
+    message per path that does not."""
     from foodtransfer.data.images import decode_image
 
     if height != width:
         raise ModelLoadError(f"the model expects {height}x{width} images; foodtransfer "
                              "models take square images.")
     images = np.empty((len(paths), height, width, 3), dtype=np.uint8)
-    for row, path in enumerate(paths):
+    readable: list[Path] = []
+    failures: list[str] = []
+    for path in paths:
         decoded = decode_image(path, height)
         if decoded.pixels is None:
-            raise ImageInputError(f"{path}: cannot read it as an image: {decoded.reason}.")
-        images[row] = decoded.pixels
-    return images
+            failures.append(f"{path}: cannot read it as an image: {decoded.reason}.")
+            continue
+        images[len(readable)] = decoded.pixels
+        readable.append(path)
+    return images[:len(readable)], readable, failures
 
 
 # --------------------------------------------------------------------------------- model
@@ -205,20 +220,25 @@ def top_k(frame, k: int) -> list[list[tuple[str, float]]]:
     return [[(names[j], float(values[i, j])) for j in row] for i, row in enumerate(order)]
 
 
-def predict_files(inputs: Sequence[Path], model_uri: str, k: int) -> list[Prediction]:
-    """Top-``k`` classes of every image named by ``inputs`` (files or folders)."""
+def predict_files(inputs: Sequence[Path], model_uri: str, k: int
+                  ) -> tuple[list[Prediction], list[str]]:
+    """Top-``k`` classes of every readable image named by ``inputs`` (files or folders), and
+    one message per image that could not be read. None readable: ImageInputError."""
     if k < 1:
         raise UserError(f"--top-k must be at least 1, got {k}.")
     paths = collect_images(inputs)
     height, width = input_size(model_uri)
-    images = read_images(paths, height, width)  # before loading: a bad file fails fast
+    images, readable, failures = read_readable(paths, height, width)
+    if not readable:  # before loading the model: nothing to classify
+        raise ImageInputError(" ".join(failures))
     model = load_model(model_uri)
     try:
         frame = probabilities(model, images)
     except Exception as error:
         raise ModelLoadError(f"the model {model_uri} failed on the images: "
                              f"{_short(error)}") from error
-    return [Prediction(str(path), top) for path, top in zip(paths, top_k(frame, k))]
+    return ([Prediction(str(path), top) for path, top in zip(readable, top_k(frame, k))],
+            failures)
 
 
 def format_text(predictions: Sequence[Prediction]) -> str:
