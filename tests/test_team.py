@@ -72,7 +72,9 @@ class TrackingServer:
                         (root / "artifacts").as_uri(),
                         "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         self.env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
-                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-for-the-tests"}
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-for-the-tests",
+                    # No GenAI job runner (its queue consumers): two cores for the tests.
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             self.env.pop(name, None)
 
