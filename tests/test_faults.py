@@ -230,7 +230,7 @@ def test_huge_images_are_decoded_and_bombs_skipped(tmp_path: Path) -> None:
 
     raw = tmp_path / "raw"
     files = {
-        "pizza/1": _jpeg((10_000, 10_000), (200, 120, 30)),  # 10 000 px square, 1.6 MB
+        "pizza/1": _jpeg((7_500, 7_500), (200, 120, 30)),  # 56 MP: a large photo, decoded
         "pizza/2": _jpeg((10_000, 16), (20, 200, 60)),  # 10 000 px strip
         "pizza/3": _png_header_only(30_000, 30_000),  # 2.7 GB once decoded
         "pizza/4": _jpeg((40, 30), (40, 40, 220)),
@@ -256,7 +256,8 @@ def test_huge_images_are_decoded_and_bombs_skipped(tmp_path: Path) -> None:
     assert report.to_dict("records") == [{
         "split": "train", "image_id": "pizza/3", "action": "skipped",
         "reason": report.loc[0, "reason"]}]
-    assert report.loc[0, "reason"].startswith("the image declares 30000 x 30000 pixels (900 MP)")
+    assert report.loc[0, "reason"].startswith("the image declares 900000000 pixels (900 MP), "
+                                              "over the limit of 60 MP")
     assert "not decoded" in report.loc[0, "reason"]
     train = pd.read_csv(out / "train.csv").set_index("image_id")
     import numpy as np

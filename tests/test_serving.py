@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import EPS, free_port, grey_png, server_process
@@ -186,14 +187,25 @@ def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path
     bomb = grey_png(18_000, 18_000)  # 324 MP
     over = grey_png(10_000, 10_000)  # 100 MP: over the limit, under PIL's own backstop
     assert len(bomb) < 1_000_000 and 18_000 ** 2 > 300_000_000 and 10_000 ** 2 > MAX_PIXELS
+    # A progressive JPEG is not bounded by JPEG's reduced-scale decoding; an animated WebP's
+    # decoder holds whole canvases.
+    progressive = _encoded(Image.new("L", (9_000, 9_000), 128), "JPEG", progressive=True)
+    frames = [Image.new("RGB", (64, 64), (40 * i, 0, 0)) for i in range(3)]
+    animated = _encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:])
     cases = {
         "bomb": (json.dumps({"inputs": {"image": [base64.b64encode(bomb).decode()]}}),
-                 400, "row 0: cannot decode the image: the image declares 18000 x 18000 "
-                      "pixels (324 MP), over the limit of 60 MP"),
+                 400, "row 0: cannot decode the image: the image declares 324000000 pixels "
+                      "(324 MP), over the limit of 60 MP"),
         "over the limit": (json.dumps({"inputs": {"image": [photo,
                                                             base64.b64encode(over).decode()]}}),
                            400, "row 1: cannot decode the image: the image declares 10000 x "
                                 "10000 pixels (100 MP)"),
+        "progressive JPEG": (json.dumps({"inputs": {"image": [base64.b64encode(
+            progressive).decode()]}}), 400, "row 0: cannot decode the image: the image "
+                                            "declares 9000 x 9000 pixels (81 MP)"),
+        "animated WebP": (json.dumps({"inputs": {"image": [base64.b64encode(
+            animated).decode()]}}), 400, "row 0: cannot decode the image: an animated WEBP "
+                                         "(3 frames) is not a photo"),
         "EPS": (json.dumps({"inputs": {"image": [base64.b64encode(EPS).decode()]}}),
                 400, "row 0: cannot decode the image: not an image in a photo format (JPEG, "
                      "PNG, WEBP"),
@@ -213,6 +225,13 @@ def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path
     assert got == 413, (got, text[:500])
     assert "over the server's limit of 41943040 bytes" in json.loads(text)["message"]
     del huge
+    # A chunked body (no length declared): 413 once it passes the limit.
+    got, text = _post_chunked(f"{served['url']}/invocations", 48 * 1024 * 1024)
+    assert got == 413, (got, text[:500])
+    assert "the request body is over" in json.loads(text)["message"]
+    # A chunked body within the limit is handed on whole.
+    got, text = _post_chunked(f"{served['url']}/invocations", 0, good)
+    assert got == 200, (got, text[:500])
     curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
                            "Content-Type: application/json", "-H", "Expect: 100-continue",
                            "--data-binary", f"@{_big_file(tmp_path)}",
@@ -231,7 +250,41 @@ def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "declares 18000 x 18000 pixels (324 MP)" in result.stderr
+    assert "declares 324000000 pixels (324 MP)" in result.stderr
+
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _post_chunked(url: str, size: int, body: bytes | None = None) -> tuple[int, str]:
+    """POST ``body`` (or ``size`` bytes of JSON-ish filler) with Transfer-Encoding: chunked."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    def chunks():
+        if body is not None:
+            yield body
+            return
+        piece = b"0," * (512 * 1024)
+        sent = 0
+        while sent < size:
+            yield piece
+            sent += len(piece)
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", parts.path, body=chunks(),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 def _big_file(folder: Path) -> Path:

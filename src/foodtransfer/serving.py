@@ -9,6 +9,7 @@ bad request (wrong shape, not numbers) is a 400 with a message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,10 @@ from foodtransfer.tracking.registry import registered_version
 MAX_REQUEST_BYTES = 40 * 1024 * 1024
 MAX_REQUEST_ENV = "FOODTRANSFER_MAX_REQUEST_BYTES"
 MODEL_PATH_ENV = "__pyfunc_model_path__"  # what MLflow's scoring app loads (its own variable)
+# Connections served at once (uvicorn answers 503 beyond): with the body limit, what requests
+# can hold at once is bounded (decoding is bounded apart: two photos at a time).
+MAX_CONNECTIONS = 16
+BODY_DEADLINE_S = 60.0  # a body not received within this is answered 408
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -32,7 +37,8 @@ def serve_command(model_uri: str, host: str, port: int) -> list[str]:
     the model resolves."""
     input_size(model_uri)  # a clear error now rather than from the server's start-up
     return [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port),
-            "--no-access-log", "foodtransfer.serving_app:app"]
+            "--limit-concurrency", str(MAX_CONNECTIONS), "--no-access-log",
+            "foodtransfer.serving_app:app"]
 
 
 def serve_environment(model_uri: str, max_request_bytes: int = MAX_REQUEST_BYTES
@@ -72,8 +78,15 @@ class BodyLimit:
             await self._refuse(send, int(declared))
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                chunks.clear()
+                await self._refuse(send, size, status=408)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             size += len(message.get("body", b""))
@@ -88,6 +101,7 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        chunks.clear()
 
         async def replay():
             nonlocal replayed
@@ -108,13 +122,16 @@ class BodyLimit:
             if not message.get("more_body", False):
                 return
 
-    async def _refuse(self, send, size: int, at_least: bool = False) -> None:
-        text = json.dumps({
-            "error_code": "REQUEST_TOO_LARGE",
-            "message": f"the request body is {'over ' if at_least else ''}{size} bytes, over "
-                       f"the server's limit of {self.max_bytes} bytes ({MAX_REQUEST_ENV}); "
-                       "send fewer or smaller photos per request"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send, size: int, at_least: bool = False,
+                      status: int = 413) -> None:
+        message = (f"the request body is {'over ' if at_least else ''}{size} bytes, over the "
+                   f"server's limit of {self.max_bytes} bytes ({MAX_REQUEST_ENV}); send fewer "
+                   "or smaller photos per request") if status == 413 else (
+            f"the request body did not arrive within {BODY_DEADLINE_S:.0f} s ({size} bytes "
+            "received)")
+        text = json.dumps({"error_code": "REQUEST_TOO_LARGE" if status == 413
+                           else "REQUEST_TIMEOUT", "message": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(text)).encode()),
                                 (b"connection", b"close")]})

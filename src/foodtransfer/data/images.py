@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import warnings
 from collections.abc import Sequence
@@ -21,29 +22,45 @@ from PIL import Image, UnidentifiedImageError
 
 HEADER_BYTES = 256  # fixed-size .npy header so the count can be rewritten at the end
 
-# The most pixels a decode may hold, checked on the header before anything is decoded:
+# The most pixels an image may declare, checked on its header before anything is decoded:
 # Food-101's photos are at most 512 px a side (0.26 MP) and phones take photos of up to about
 # 50 MP (8160 x 6120), so 60 MP refuses nothing a camera makes, while a PNG declaring more (a
-# few hundred KB can declare 300 MP, and PNG is decoded whole) would take gigabytes. At 60 MP
-# one decode holds at most about 240 MB (RGBA). A JPEG is decoded at a reduced scale (draft
-# mode, down to 1/8 a side), so the limit applies to that scale: a 100 MP JPEG decodes as
-# 1.6 MP.
+# few hundred KB can declare 300 MP, and PNG is decoded whole) would take gigabytes. The limit
+# is on the declared size whatever the format: JPEG's reduced-scale decoding (draft mode) does
+# not bound a progressive JPEG, whose decoder keeps the whole image's coefficients. One decode
+# of 60 MP holds at most 240 MB (4 bytes a pixel: RGBA, CMYK, 16-bit grey with its conversion)
+# and its RGB copy 180 MB.
 MAX_PIXELS = 60_000_000
 # The formats photos come in (PIL opens many more, EPS among them, which hands the file to
-# Ghostscript). JPEG includes MPO, the multi-picture JPEG some cameras and phones write.
+# Ghostscript). JPEG includes MPO, the multi-picture JPEG some cameras and phones write (its
+# first picture is decoded). Animations are refused: an animated WebP's decoder holds whole
+# canvases beside the frame.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-# PIL's own guard stays as a backstop for other code in the process (it refuses over twice
-# this at Image.open); ours, below it, runs first and names the size.
-Image.MAX_IMAGE_PIXELS = 1_000_000_000
+# PIL's own guard for other code in the process (Gradio opens uploads, for their header
+# only): it refuses at Image.open what declares over twice this.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 
 def too_many_pixels(width: int, height: int) -> str | None:
     """Why an image of ``width`` x ``height`` is refused before it is decoded, or None."""
     if width * height <= MAX_PIXELS:
         return None
-    return (f"the image declares {width} x {height} pixels ({width * height / 1e6:.0f} MP), "
-            f"over the limit of {MAX_PIXELS / 1e6:.0f} MP for a photo; it was not decoded. "
-            "Resize it first (Food-101's photos are at most 512 px a side)")
+    return _refused(f"{width} x {height} pixels", width * height)
+
+
+def _refused(declared: str, pixels: int) -> str:
+    return (f"the image declares {declared} ({pixels / 1e6:.0f} MP), over the limit of "
+            f"{MAX_PIXELS / 1e6:.0f} MP for a photo; it was not decoded. Resize it first "
+            "(Food-101's photos are at most 512 px a side)")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit grey (PNG, TIFF) scaled to 8 bits; PIL's own conversion clips it to white."""
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.uint16)
+        return Image.fromarray((pixels >> 8).astype(np.uint8), "L")
+    return image
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,9 @@ class Decoded:
 def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
     """Decode a photo (one of :data:`PHOTO_FORMATS`: JPEG, PNG under a .jpg name, CMYK,
     grayscale, large) from a file or from its encoded bytes to RGB ``size`` x ``size`` uint8,
-    or say why it cannot be used. The header is read first: an image whose decode would hold
-    more than :data:`MAX_PIXELS` pixels (its declared size; a JPEG's at its reduced decode
-    scale) is refused without being decoded."""
+    or say why it cannot be used. The header is read first: an image declaring more than
+    :data:`MAX_PIXELS` pixels, an animation, or 32-bit integer or float pixels are refused
+    without being decoded."""
     encoded = isinstance(source, (bytes, bytearray, memoryview))
     path = None if encoded else Path(source)
     try:
@@ -67,17 +84,23 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
             with Image.open(io.BytesIO(source) if encoded else path,
                             formats=PHOTO_FORMATS) as image:
-                declared = image.size
-                # JPEG draft mode decodes huge photos at a reduced scale (down to 1/8 a side):
-                # fast, little memory. The limit is on the pixels the decode will hold.
-                image.draft("RGB", (size, size))
-                if too_many_pixels(*image.size):
-                    return Decoded(None, too_many_pixels(*declared))
+                refused = too_many_pixels(*image.size)
+                if refused:
+                    return Decoded(None, refused)
+                if getattr(image, "is_animated", False) and image.format != "MPO":
+                    return Decoded(None, f"an animated {image.format} "
+                                         f"({getattr(image, 'n_frames', '?')} frames) is not a "
+                                         "photo; it was not decoded")
+                if image.mode in ("I", "F"):
+                    return Decoded(None, f"{image.format} with 32-bit {image.mode!r} pixels is "
+                                         "not a photo's 8 or 16 bits; it was not decoded")
                 note = None
                 if path and image.format != "JPEG" and path.suffix.lower() in (".jpg", ".jpeg"):
                     note = f"{image.format} data in a {path.suffix} file (decoded anyway)"
+                # JPEG draft mode decodes large photos at a reduced scale: fast, little memory.
+                image.draft("RGB", (size, size))
                 image.load()
-                rgb = image.convert("RGB")
+                rgb = _to_8_bits(image).convert("RGB")
         resized = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         return Decoded(np.asarray(resized, dtype=np.uint8), note)
     except FileNotFoundError:
@@ -85,8 +108,11 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
     except UnidentifiedImageError:
         return Decoded(None, "not an image in a photo format "
                              f"({', '.join(PHOTO_FORMATS)})")
-    except Image.DecompressionBombError as error:
-        return Decoded(None, f"image too large to decode safely ({error})")
+    except Image.DecompressionBombError as error:  # PIL's guard, at twice the limit
+        found = _BOMB_SIZE.search(str(error))
+        pixels = int(found.group(1)) if found else 0
+        return Decoded(None, _refused(f"{pixels} pixels", pixels) if found
+                       else f"image too large to decode safely ({error})")
     except (OSError, SyntaxError, ValueError) as error:
         return Decoded(None, f"corrupt or truncated image ({error})")
 
