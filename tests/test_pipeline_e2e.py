@@ -539,8 +539,9 @@ def test_repro_moves_the_champion_and_an_experiment_registers_a_challenger(pipel
     challenger = client.get_model_version_by_alias("food101-classifier-candidates",
                                                    "challenger")
     assert champion.tags["candidate_version"] == first.data.tags["registered_model_version"]
-    assert champion.source == ("models:/food101-classifier-candidates/"
-                               + first.data.tags["registered_model_version"])
+    promotion = client.get_run(champion.run_id)  # the copy's files: the production experiment
+    assert promotion.info.experiment_id == client.get_experiment_by_name(
+        "food101-classifier-production").experiment_id
     assert str(challenger.version) == second.data.tags["registered_model_version"]
     assert first.data.tags["registered_model_alias"] == "champion"
     assert second.data.tags["registered_model_alias"] == "challenger"

@@ -343,9 +343,19 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
         assert tags["pipeline_run_id"] == parent.info.run_id
 
     champion = client.get_model_version_by_alias("food", "champion")
-    assert champion.run_id == run_ids["dropout"]
+    assert champion.tags["candidate_run_id"] == run_ids["dropout"]
     assert champion.tags["variant"] == "dropout" and champion.tags["candidate_version"] == "1"
-    assert champion.source == "models:/food-candidates/1"
+    # The production copy's files live in a run of the production experiment, not in the
+    # candidate's run (which whoever may train could overwrite).
+    promotion = client.get_run(champion.run_id)
+    production = client.get_experiment_by_name("food-production")
+    assert promotion.info.experiment_id == production.experiment_id
+    assert promotion.data.tags["candidate_version"] == "1"
+    assert champion.source.startswith(promotion.info.artifact_uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        f"models:/food/{champion.version}",
+        tracking_uri=f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"))
+    assert (local / "MLmodel").is_file()
     assert json.loads(champion.tags["class_names"]) == CLASSES
     assert "raw RGB images" in client.get_registered_model("food-candidates").description
 
@@ -364,7 +374,7 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     assert f"reused from pipeline run `{parent.info.run_id}`" in (
         paths.reports / "comparison.md").read_text()
     champion = client.get_model_version_by_alias("food", "champion")
-    assert (str(champion.version), champion.run_id) == ("2", new_finetune)
+    assert (str(champion.version), champion.tags["candidate_run_id"]) == ("2", new_finetune)
     assert champion.tags["candidate_version"] == "2"
 
     # Re-running the report is another execution: its winner gets a candidate version of its
@@ -373,7 +383,7 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     assert len(client.search_model_versions("name = 'food-candidates'")) == 3
     assert len(client.search_model_versions("name = 'food'")) == 3
     third = client.get_model_version_by_alias("food", "champion")
-    assert str(third.version) == "3" and third.run_id == new_finetune
+    assert str(third.version) == "3" and third.tags["candidate_run_id"] == new_finetune
     assert third.tags["pipeline_run_id"] != champion.tags["pipeline_run_id"]
 
 

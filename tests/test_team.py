@@ -84,19 +84,27 @@ class TrackingServer:
         self.process = start_server(self.command, f"{self.url}/health",
                                     self.root / "server.log", cwd=self.root, env=self.env)
 
-    def set_up_users(self) -> None:
-        """What docs/scale.md has an admin do on a new server: users, the production model,
-        and EDIT on it for the promoter only."""
+    def set_up_users(self, experiment: str) -> None:
+        """What docs/scale.md has an admin do on a new server: the users; the experiment and
+        the candidates model, EDIT on them for the trainer; the production model and the
+        experiment of its files, EDIT on them for the promoter only."""
+        from mlflow import MlflowClient
         from mlflow.server import get_app_client
 
         with _as(ADMIN):
             admin = get_app_client("basic-auth", tracking_uri=self.url)
             admin.create_user(*TRAINER)
             admin.create_user(*PROMOTER)
-            from mlflow import MlflowClient
-
-            MlflowClient(self.url).create_registered_model(PRODUCTION)
+            client = MlflowClient(self.url)
+            experiment_id = client.create_experiment(experiment)
+            client.create_registered_model(f"{PRODUCTION}-candidates")
+            client.create_registered_model(PRODUCTION)
+            production_files = client.create_experiment(f"{PRODUCTION}-production")
+            admin.grant_user_permission(TRAINER[0], "experiment", experiment_id, "EDIT")
+            admin.grant_user_permission(TRAINER[0], "registered_model",
+                                        f"{PRODUCTION}-candidates", "EDIT")
             admin.grant_user_permission(PROMOTER[0], "registered_model", PRODUCTION, "EDIT")
+            admin.grant_user_permission(PROMOTER[0], "experiment", production_files, "EDIT")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -147,7 +155,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
     server.start()
     reader = contextlib.ExitStack()
     try:
-        server.set_up_users()
+        server.set_up_users(TINY["mlflow"]["experiment"])
         reader.enter_context(_as(TRAINER))  # this process's own MLflow calls: the trainer
         (root / "a").mkdir()
         a, env = make_repo(root / "a", TINY, standin_weights)
@@ -172,6 +180,10 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
         git(a, env, "push", "-q", "origin", "main")
         pushed = checksums(a)
         experiment = run(["dvc", "exp", "run", "-S", "dropout=0.3", "-n", "drop03"], a, env)
+        # With a champion in place, the trainer still cannot move it to their new candidate.
+        second_refusal = subprocess.run([script, "promote", "drop03"], cwd=a, env=env,
+                                        capture_output=True, text=True, timeout=300)
+        champion_after_second_refusal = _champion(server)
         run(["dvc", "exp", "push", "origin", "drop03"], a, env)
         drop03_metrics = json.loads((a / "metrics" / "dropout.json").read_text())
         git(a, env, "checkout", "--", ".")  # back to the pushed commit
@@ -192,7 +204,9 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
                "first": first, "experiment": experiment, "pull": pull, "repro_b": repro_b,
                "shown": shown, "pulled_run": pulled_run, "drop03_metrics": drop03_metrics,
                "pushed": pushed, "trainer_promote": trainer_promote,
-               "champion_after_refusal": champion_after_refusal, "promoted": promoted}
+               "champion_after_refusal": champion_after_refusal, "promoted": promoted,
+               "second_refusal": second_refusal,
+               "champion_after_second_refusal": champion_after_second_refusal}
     finally:
         reader.close()
         server.stop()
@@ -209,31 +223,44 @@ def _champion(server: TrackingServer) -> str | None:
 
 
 # ------------------------------------------------------------------- the tracking server
-def test_only_a_promoter_moves_the_champion(team) -> None:
+def test_only_a_promoter_moves_the_champion(team, tmp_path: Path) -> None:
     """The trainer's pipeline registered a candidate and moved no @champion; the trainer's
     promote was refused in one line and moved nothing; the promoter's made the champion."""
     assert "food101-classifier-candidates v1 @challenger;" in team["first"].stdout, \
         team["first"].stdout
-    refused = team["trainer_promote"]
-    assert refused.returncode == 2, (refused.stdout, refused.stderr)
-    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    assert ("foodtransfer promote: error: the tracking server http://127.0.0.1:"
-            in refused.stderr)
-    assert ("denied MLFLOW_TRACKING_USERNAME='trainer' promotion (a new version of "
-            "'food101-classifier' and its @champion); @champion did not move (403 permission "
-            "denied)") in refused.stderr, refused.stderr
+    for refused in (team["trainer_promote"], team["second_refusal"]):
+        assert refused.returncode == 2, (refused.stdout, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert ("foodtransfer promote: error: the tracking server http://127.0.0.1:"
+                in refused.stderr)
+        assert ("denied MLFLOW_TRACKING_USERNAME='trainer' promotion (a new version of "
+                "'food101-classifier' and its @champion); @champion did not move (403 "
+                "permission denied)") in refused.stderr, refused.stderr
     assert team["champion_after_refusal"] is None
+    assert team["champion_after_second_refusal"] == "1"  # still the promoter's
     assert ("@champion of food101-classifier -> v1, a copy of food101-classifier-candidates v1"
             in team["promoted"].stdout), team["promoted"].stdout
     client = client_for(team["server"])
     assert len(client.search_model_versions(f"name = '{PRODUCTION}'")) == 1  # none refused
     champion = client.get_model_version_by_alias(PRODUCTION, "champion")
     assert champion.tags["candidate_version"] == "1"
-    # The trainer cannot move the alias by hand either: the server says so.
+    # Its files are the production experiment's, which the trainer can only read.
+    production_files = client.get_experiment_by_name(f"{PRODUCTION}-production")
+    assert client.get_run(champion.run_id).info.experiment_id == \
+        production_files.experiment_id
+    # The trainer cannot move the alias by hand either, nor overwrite the champion's files:
+    # the server says so.
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
         client.set_registered_model_alias(PRODUCTION, "champion", "1")
+    planted = tmp_path / "python_model.pkl"
+    planted.write_bytes(b"not the champion")
+    with pytest.raises(Exception, match="403|PERMISSION_DENIED|Permission denied"):
+        client.log_artifact(champion.run_id, str(planted), "model")
+    kept = Path(client.download_artifacts(champion.run_id, "model/python_model.pkl",
+                                          str(tmp_path / "back")))
+    assert kept.read_bytes() != b"not the champion"
 
 
 def test_a_missing_or_refused_login_fails_every_command_fast_in_one_line(team) -> None:
@@ -265,8 +292,9 @@ def test_a_missing_or_refused_login_fails_every_command_fast_in_one_line(team) -
                                     timeout=300)
             assert result.returncode != 0, (what, result.stdout, result.stderr)
             assert time.monotonic() - started < 60, what
-            errors = [line for line in result.stderr.splitlines() if ": error: " in line]
-            assert len(errors) == 1 and expected in errors[0], (what, result.stderr)
+            errors = [line for line in result.stderr.splitlines() if line.strip()]
+            assert len(errors) == 1 and ": error: " in errors[0], (what, result.stderr)
+            assert expected in errors[0], (what, result.stderr)
             assert "Traceback" not in result.stderr, (what, result.stderr)
             assert result.returncode == 2, (what, result.returncode)
     assert (a / "dvc.lock").read_bytes() == lock_before

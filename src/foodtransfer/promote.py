@@ -4,7 +4,8 @@ It resolves the candidate version (of ``<mlflow.registered_model>-candidates``),
 with the champion it replaces on the validation images (paired: the difference in accuracy
 with its 95 % bootstrap interval and exact McNemar p; the test set is never looked at for a
 choice), copies it into the production model, points ``@champion`` at the copy and says what
-changed. On a tracking server the server decides who may: EDIT on the production model.
+changed. On a tracking server the server decides who may: EDIT on the production model and on
+the experiment that holds its files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pandas as pd
 
 from foodtransfer.errors import TrackingError
 from foodtransfer.evaluation import right_per_image
-from foodtransfer.tracking.registry import (CANDIDATE_TAG, CHAMPION_ALIAS, candidates_model,
+from foodtransfer.tracking.registry import (CANDIDATE_RUN_TAG, CANDIDATE_TAG, CHAMPION_ALIAS,
+                                            candidates_model,
                                             copy_to_production, on_team_server,
                                             resolve_version, version_by_alias)
 from foodtransfer.tracking.store import alias_lock, login_error, retry_on_lock, tracking_uri
@@ -32,7 +34,8 @@ def validation_predictions(version: Any) -> pd.DataFrame | None:
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = retry_on_lock(mlflow.artifacts.download_artifacts)(
-                run_id=version.run_id, artifact_path=VALIDATION_PREDICTIONS, dst_path=folder)
+                run_id=version.tags.get(CANDIDATE_RUN_TAG) or version.run_id,
+                artifact_path=VALIDATION_PREDICTIONS, dst_path=folder)
         except Exception:  # an older run without them: compare without a paired test
             return None
         return pd.read_csv(Path(path))
@@ -80,15 +83,16 @@ def promote(reference: str, registered_model: str) -> str:
     if old is not None and old.tags.get(CANDIDATE_TAG) == str(new.version):
         return (f"{describe(new)} is already @{CHAMPION_ALIAS} of {registered_model} "
                 f"(v{old.version}).")
-    if old is None and on_team_server() and not _exists(registered_model):
+    team = on_team_server()
+    if old is None and team and not _exists(registered_model):
         raise TrackingError(
             f"the production model {registered_model!r} does not exist on {tracking_uri()}: "
             "on a team server its admin creates it and grants promoters EDIT on it "
             "(docs/scale.md), so that promotion stays theirs.")
     comparison = paired_comparison(new, old) if old is not None else ""
     try:
-        with alias_lock():
-            production = copy_to_production(registered_model, str(new.version))
+        with alias_lock():  # on a team server nothing is created: the admin did
+            production = copy_to_production(registered_model, str(new.version), create=not team)
     except mlflow.exceptions.MlflowException as error:
         problem = login_error(error, tracking_uri(),
                               f"promotion (a new version of {registered_model!r} and its "

@@ -398,10 +398,26 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
         tracking_runs.mark_published(parent.run_id)
         moved = settle_aliases(config.registered_model, registered_version, experiment)
         reused = [name for name in results if name not in adopted]
+    actual = CHAMPION_ALIAS if any(m.endswith("@" + CHAMPION_ALIAS) for m in moved) \
+        else CHALLENGER_ALIAS
+    mismatch = ""
+    if actual != alias:  # another execution promoted first (checked again under the lock)
+        import mlflow
+
+        from foodtransfer.atomic import write_text
+        from foodtransfer.tracking.store import retry_on_lock
+
+        retry_on_lock(mlflow.MlflowClient().set_tag)(parent.run_id, "registered_model_alias",
+                                                     actual)
+        ran = json.loads((out / RUN_FILE).read_text())
+        write_text(out / RUN_FILE, json.dumps({**ran, "alias": actual}, indent=1) + "\n")
+        mismatch = (f" (comparison.md says @{alias}: another execution was promoted first, so "
+                    f"this one is @{actual})")
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "
             f"{best['test_accuracy']:.3f}) -> {candidates} v{registered_version}"
-            f"{'; ' + ', '.join(moved) if moved else ''}; pipeline run {parent.run_id} groups "
+            f"{'; ' + ', '.join(moved) if moved else ''}{mismatch}; pipeline run "
+            f"{parent.run_id} groups "
             f"{', '.join(adopted) or 'no new runs'}"
             + (f" (reused: {', '.join(reused)})" if reused else "")
             + f"; report in {out}/")

@@ -6,8 +6,9 @@
   execution's.
 - ``<mlflow.registered_model>``, the production model: ``@champion`` is the model
   ``predict``, ``serve``, ``demo`` and ``export`` use by default. A version gets there only
-  by promotion: a copy of a candidate version (MLflow's ``copy_model_version``: same run,
-  same files, the candidate's tags plus ``candidate_version``).
+  by promotion: a copy of a candidate version's files, logged in the experiment
+  ``<mlflow.registered_model>-production`` and registered with the candidate's tags plus
+  ``candidate_version`` and ``candidate_run_id``.
 
 Who promotes: ``foodtransfer promote``, always. On the project's own store (one user) the
 main workspace's ``dvc repro`` promotes its winner too, and so does the first execution of a
@@ -29,7 +30,10 @@ CHALLENGER_ALIAS = "challenger"
 
 
 CANDIDATES_SUFFIX = "-candidates"
+PRODUCTION_SUFFIX = "-production"  # the experiment holding the production model's files
+PRODUCTION_ARTIFACT = "model"
 CANDIDATE_TAG = "candidate_version"  # on a production version: the candidate it copies
+CANDIDATE_RUN_TAG = "candidate_run_id"  # ... and the variant run that candidate came from
 
 
 def champion_uri(registered_model: str) -> str:
@@ -107,22 +111,65 @@ def settle_aliases(name: str, version: str, experiment: bool) -> list[str]:
         return moved
 
 
-def copy_to_production(name: str, candidate_version: str) -> str:
-    """Copy version ``candidate_version`` of the candidates model into the production model
-    ``name`` (created if it does not exist) and point ``@champion`` at the copy; returns the
-    copy's version. The caller holds the alias lock where there is one."""
+def production_experiment(name: str) -> str:
+    """The MLflow experiment that holds the production model's files: promotion writes them
+    there, where only promoters may write (on a team server)."""
+    return f"{name}{PRODUCTION_SUFFIX}"
+
+
+def copy_to_production(name: str, candidate_version: str, create: bool = True) -> str:
+    """Promote version ``candidate_version`` of the candidates model: copy its model's files
+    into a run of the production experiment (:func:`production_experiment`, created when
+    ``create``), register them as a new version of the production model ``name`` (created if
+    need be) with the candidate's tags plus ``candidate_version`` and ``candidate_run_id``,
+    and point ``@champion`` at it. Returns the new version. The files are copied, not
+    referenced: the candidate's stay writable by whoever may write its experiment, the
+    production copy only by who may write the production experiment. The caller holds the
+    alias lock where there is one."""
     import contextlib
     import io
+    import tempfile
 
     import mlflow
 
+    from foodtransfer.errors import TrackingError
+    from foodtransfer.tracking.store import artifact_location, tracking_uri
+
     client = mlflow.MlflowClient()
-    source = f"models:/{candidates_model(name)}/{candidate_version}"
-    with contextlib.redirect_stderr(io.StringIO()):  # MLflow narrates the copy
-        copied = retry_on_lock(client.copy_model_version)(source, name)
+    candidates = candidates_model(name)
+    source = retry_on_lock(client.get_model_version)(candidates, str(candidate_version))
+    experiment = production_experiment(name)
+    found = retry_on_lock(client.get_experiment_by_name)(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    elif create:
+        experiment_id = retry_on_lock(client.create_experiment)(
+            experiment, artifact_location=artifact_location(tracking_uri()))
+    else:
+        raise TrackingError(
+            f"there is no MLflow experiment {experiment!r} on {tracking_uri()}, where promotion "
+            "keeps the production model's files: on a team server its admin creates it and "
+            "grants promoters EDIT on it (docs/scale.md).")
+    tags = {**source.tags, CANDIDATE_TAG: str(candidate_version),
+            CANDIDATE_RUN_TAG: source.run_id}
+    run = retry_on_lock(client.create_run)(
+        experiment_id, run_name=f"promote {candidates} v{candidate_version}",
+        tags={"run_kind": "promotion", CANDIDATE_TAG: str(candidate_version),
+              CANDIDATE_RUN_TAG: source.run_id})
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="foodtransfer-promote-") as scratch:
+            local = mlflow.artifacts.download_artifacts(
+                f"models:/{candidates}/{candidate_version}", dst_path=scratch)
+            retry_on_lock(client.log_artifacts)(run_id, local, PRODUCTION_ARTIFACT)
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow narrates the registration
+            copied = retry_on_lock(mlflow.register_model)(
+                f"runs:/{run_id}/{PRODUCTION_ARTIFACT}", name, tags=tags)
+    except BaseException:
+        retry_on_lock(client.set_terminated)(run_id, "FAILED")
+        raise
+    retry_on_lock(client.set_terminated)(run_id)
     version = str(copied.version)
-    retry_on_lock(client.set_model_version_tag)(name, version, CANDIDATE_TAG,
-                                                str(candidate_version))
     set_alias(name, CHAMPION_ALIAS, version)
     return version
 
@@ -157,7 +204,8 @@ def version_by_alias(name: str, alias: str) -> Any | None:
 def resolve_version(name: str, reference: str) -> Any:
     """The version of ``name`` that ``reference`` names: a version number, the id of the
     MLflow run it came from (a variant run, or the pipeline run that registered it), or a
-    DVC experiment name (its latest version). A TrackingError lists what there is."""
+    DVC experiment name. A reference that matches several versions is refused (the tags are
+    whatever the registering user wrote), one that matches none lists what there is."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -180,4 +228,8 @@ def resolve_version(name: str, reference: str) -> Any:
         raise TrackingError(
             f"no version of '{name}' matches {reference!r} (a version number, an MLflow run "
             f"id or a DVC experiment name); latest versions: {known}.")
+    if len(found) > 1:  # tags anyone who may register can set: never guess which
+        raise TrackingError(
+            f"{len(found)} versions of '{name}' match {reference!r}: "
+            f"{', '.join('v' + str(v.version) for v in found)}; name one by its number.")
     return found[0]

@@ -140,7 +140,7 @@ def is_http(uri: str) -> bool:
 
 
 LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
-                   "MLFLOW_TRACKING_TOKEN)")
+                   "MLFLOW_TRACKING_TOKEN where the server takes tokens)")
 
 
 def _who() -> str:
@@ -153,16 +153,28 @@ def login_error(error: BaseException, uri: str, doing: str = "") -> TrackingErro
     permission (403) ``error`` reports, or None when it is another kind of error."""
     code = getattr(error, "error_code", None)
     text = str(error)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     if code == "UNAUTHENTICATED" or "error code 401" in text:
-        if not (os.environ.get("MLFLOW_TRACKING_USERNAME")
-                or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        if not (user or password or token):
             return TrackingError(
                 f"the tracking server {uri} asks for a login and none is set: set "
                 f"{LOGIN_VARIABLES} to your account on it (docs/scale.md).")
+        if bool(user) != bool(password):
+            missing = "MLFLOW_TRACKING_PASSWORD" if user else "MLFLOW_TRACKING_USERNAME"
+            return TrackingError(
+                f"the tracking server {uri} asks for a login and {missing} is not set: set it "
+                "(with the other) to your account on it (docs/scale.md).")
+        if not user:
+            return TrackingError(
+                f"the tracking server {uri} refused the token in MLFLOW_TRACKING_TOKEN (401 "
+                "unauthenticated): a basic-auth server (mlflow server --app-name basic-auth) "
+                "takes MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead.")
         return TrackingError(
             f"the tracking server {uri} refused the login of {_who()} (401 unauthenticated): "
-            "check MLFLOW_TRACKING_PASSWORD (or the token), or ask the server's admin for an "
-            "account (docs/scale.md).")
+            "check MLFLOW_TRACKING_PASSWORD, or ask the server's admin for an account "
+            "(docs/scale.md).")
     if code == "PERMISSION_DENIED" or "error code 403" in text:
         return TrackingError(
             f"the tracking server {uri} denied {_who()} {doing or 'this request'} (403 "
