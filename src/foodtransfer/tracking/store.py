@@ -373,6 +373,7 @@ def connect_existing(experiment: str) -> str:
     commands that read what the pipeline logged."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # not this user's
     uri = tracking_uri()
     if custom_tracking_uri() is None and not (default_store_dir() / "mlflow.db").is_file():
         raise TrackingError(
