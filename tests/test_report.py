@@ -473,8 +473,8 @@ def test_the_alias_moves_after_the_run_ended_and_the_files_landed(
     real = registry.settle_aliases
 
     def observed(name: str, version: str, experiment: bool) -> list[str]:
-        experiment = client.get_experiment_by_name("unit")
-        (parent,) = client.search_runs([experiment.experiment_id],
+        unit = client.get_experiment_by_name("unit")
+        (parent,) = client.search_runs([unit.experiment_id],
                                        "tags.run_kind = 'pipeline'")
         seen.update(status=parent.info.status, outputs=parent.data.tags.get("outputs"),
                     published=sorted(p.name for p in paths.reports.iterdir()))

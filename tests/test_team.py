@@ -181,7 +181,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, standin_weights: Path) -> Ite
         pushed = checksums(a)
         experiment = run(["dvc", "exp", "run", "-S", "dropout=0.3", "-n", "drop03"], a, env)
         # With a champion in place, the trainer still cannot move it to their new candidate.
-        second_refusal = subprocess.run([script, "promote", "drop03"], cwd=a, env=env,
+        second_refusal = subprocess.run([script, "promote", "2"], cwd=a, env=env,
                                         capture_output=True, text=True, timeout=300)
         champion_after_second_refusal = _champion(server)
         run(["dvc", "exp", "push", "origin", "drop03"], a, env)

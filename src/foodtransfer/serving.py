@@ -25,10 +25,7 @@ from foodtransfer.tracking.registry import registered_version
 MAX_REQUEST_BYTES = 40 * 1024 * 1024
 MAX_REQUEST_ENV = "FOODTRANSFER_MAX_REQUEST_BYTES"
 MODEL_PATH_ENV = "__pyfunc_model_path__"  # what MLflow's scoring app loads (its own variable)
-# Connections served at once (uvicorn answers 503 beyond): with the body limit, what requests
-# can hold at once is bounded (decoding is bounded apart: two photos at a time).
-MAX_CONNECTIONS = 16
-BODY_DEADLINE_S = 60.0  # a body not received within this is answered 408
+BODY_DEADLINE_S = 60.0  # a body not received (or drained) within this is answered 408
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -37,8 +34,7 @@ def serve_command(model_uri: str, host: str, port: int) -> list[str]:
     the model resolves."""
     input_size(model_uri)  # a clear error now rather than from the server's start-up
     return [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port),
-            "--limit-concurrency", str(MAX_CONNECTIONS), "--no-access-log",
-            "foodtransfer.serving_app:app"]
+            "--no-access-log", "foodtransfer.serving_app:app"]
 
 
 def serve_environment(model_uri: str, max_request_bytes: int = MAX_REQUEST_BYTES
@@ -72,13 +68,13 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
+        deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
         if declared.isdigit() and int(declared) > self.max_bytes:
             if headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._drain(receive, 0)
+                await self._drain(receive, 0, deadline)
             await self._refuse(send, int(declared))
             return
         chunks, size = [], 0
-        deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
         while True:
             try:
                 message = await asyncio.wait_for(
@@ -94,7 +90,7 @@ class BodyLimit:
                 chunks.clear()
                 more = message.get("more_body", False)
                 if more:
-                    await self._drain(receive, size)
+                    await self._drain(receive, size, deadline)
                 await self._refuse(send, size, at_least=more)
                 return
             chunks.append(message.get("body", b""))
@@ -112,10 +108,15 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _drain(self, receive, size: int) -> None:
-        """Read the rest of the body and drop it (up to DRAIN_FACTOR times the limit)."""
+    async def _drain(self, receive, size: int, deadline: float) -> None:
+        """Read the rest of the body and drop it (up to DRAIN_FACTOR times the limit, until
+        the deadline)."""
+        loop = asyncio.get_running_loop()
         while size <= self.DRAIN_FACTOR * self.max_bytes:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return
             if message["type"] != "http.request":
                 return
             size += len(message.get("body", b""))

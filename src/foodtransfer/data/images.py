@@ -31,6 +31,10 @@ HEADER_BYTES = 256  # fixed-size .npy header so the count can be rewritten at th
 # of 60 MP holds at most 240 MB (4 bytes a pixel: RGBA, CMYK, 16-bit grey with its conversion)
 # and its RGB copy 180 MB.
 MAX_PIXELS = 60_000_000
+# A progressive JPEG's decoder keeps every coefficient of the image (about 6 bytes a pixel, 8
+# in CMYK) whatever the scale asked for: a lower limit keeps it near the same memory. Cameras
+# and phones write baseline JPEG; progressive ones are mostly web images, far smaller.
+MAX_PROGRESSIVE_PIXELS = 30_000_000
 # The formats photos come in (PIL opens many more, EPS among them, which hands the file to
 # Ghostscript). JPEG includes MPO, the multi-picture JPEG some cameras and phones write (its
 # first picture is decoded). Animations are refused: an animated WebP's decoder holds whole
@@ -49,9 +53,10 @@ def too_many_pixels(width: int, height: int) -> str | None:
     return _refused(f"{width} x {height} pixels", width * height)
 
 
-def _refused(declared: str, pixels: int) -> str:
+def _refused(declared: str, pixels: int, limit: int = MAX_PIXELS,
+             kind: str = "a photo") -> str:
     return (f"the image declares {declared} ({pixels / 1e6:.0f} MP), over the limit of "
-            f"{MAX_PIXELS / 1e6:.0f} MP for a photo; it was not decoded. Resize it first "
+            f"{limit / 1e6:.0f} MP for {kind}; it was not decoded. Resize it first "
             "(Food-101's photos are at most 512 px a side)")
 
 
@@ -87,6 +92,12 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> Decoded:
                 refused = too_many_pixels(*image.size)
                 if refused:
                     return Decoded(None, refused)
+                if image.format == "JPEG" and (image.info.get("progressive")
+                                               or image.info.get("progression")) \
+                        and image.size[0] * image.size[1] > MAX_PROGRESSIVE_PIXELS:
+                    return Decoded(None, _refused(
+                        f"{image.size[0]} x {image.size[1]} pixels", image.size[0] * image.size[1],
+                        MAX_PROGRESSIVE_PIXELS, "a progressive JPEG"))
                 if getattr(image, "is_animated", False) and image.format != "MPO":
                     return Decoded(None, f"an animated {image.format} "
                                          f"({getattr(image, 'n_frames', '?')} frames) is not a "

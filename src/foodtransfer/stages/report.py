@@ -411,8 +411,8 @@ def run(params: Params, trimmed: Path, split: Path, sources: list[VariantSource]
                                                      actual)
         ran = json.loads((out / RUN_FILE).read_text())
         write_text(out / RUN_FILE, json.dumps({**ran, "alias": actual}, indent=1) + "\n")
-        mismatch = (f" (comparison.md says @{alias}: another execution was promoted first, so "
-                    f"this one is @{actual})")
+        mismatch = (f" (comparison.md expected @{alias}; checked again under the store's "
+                    f"lock, the registry made it @{actual})")
     best = results[champion].metrics
     return (f"champion {champion} (validation accuracy {best['best_val_accuracy']:.3f}, test "
             f"{best['test_accuracy']:.3f}) -> {candidates} v{registered_version}"

@@ -133,7 +133,7 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
     import mlflow
 
     from foodtransfer.errors import TrackingError
-    from foodtransfer.tracking.store import artifact_location, tracking_uri
+    from foodtransfer.tracking.store import EXPERIMENT_TAGS, artifact_location, tracking_uri
 
     client = mlflow.MlflowClient()
     candidates = candidates_model(name)
@@ -144,7 +144,9 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
         experiment_id = found.experiment_id
     elif create:
         experiment_id = retry_on_lock(client.create_experiment)(
-            experiment, artifact_location=artifact_location(tracking_uri()))
+            experiment, artifact_location=artifact_location(tracking_uri()),
+            tags={key: value for key, value in EXPERIMENT_TAGS.items()
+                  if key == "mlflow.experimentKind"})
     else:
         raise TrackingError(
             f"there is no MLflow experiment {experiment!r} on {tracking_uri()}, where promotion "
@@ -157,6 +159,7 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
         tags={"run_kind": "promotion", CANDIDATE_TAG: str(candidate_version),
               CANDIDATE_RUN_TAG: source.run_id})
     run_id = run.info.run_id
+    copied = None
     try:
         with tempfile.TemporaryDirectory(prefix="foodtransfer-promote-") as scratch:
             local = mlflow.artifacts.download_artifacts(
@@ -165,13 +168,16 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow narrates the registration
             copied = retry_on_lock(mlflow.register_model)(
                 f"runs:/{run_id}/{PRODUCTION_ARTIFACT}", name, tags=tags)
+        set_alias(name, CHAMPION_ALIAS, str(copied.version))
     except BaseException:
-        retry_on_lock(client.set_terminated)(run_id, "FAILED")
+        # No version without the alias: a promotion happens whole or not at all.
+        with contextlib.suppress(Exception):
+            if copied is not None:
+                client.delete_model_version(name, str(copied.version))
+            client.set_terminated(run_id, "FAILED")
         raise
     retry_on_lock(client.set_terminated)(run_id)
-    version = str(copied.version)
-    set_alias(name, CHAMPION_ALIAS, version)
-    return version
+    return str(copied.version)
 
 
 def registered_version(model_uri: str) -> str | None:
@@ -228,6 +234,11 @@ def resolve_version(name: str, reference: str) -> Any:
         raise TrackingError(
             f"no version of '{name}' matches {reference!r} (a version number, an MLflow run "
             f"id or a DVC experiment name); latest versions: {known}.")
+    if not reference.isdigit() and on_team_server():
+        raise TrackingError(
+            f"on a tracking server, name the version of '{name}' by its number (the DVC "
+            f"experiment name and run ids are tags any user who may register can edit); "
+            f"{reference!r} matches " + ", ".join(f"v{v.version}" for v in found) + ".")
     if len(found) > 1:  # tags anyone who may register can set: never guess which
         raise TrackingError(
             f"{len(found)} versions of '{name}' match {reference!r}: "
