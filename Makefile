@@ -53,9 +53,10 @@ seeds: $(STAMP)
 	$(BIN)/foodtransfer compare
 
 # Two pytest workers, a test file each (--dist loadfile keeps a module's fixtures in one
-# worker): the end-to-end files mostly wait on DVC, MLflow and process start-up.
+# worker), the slowest files first (tests/conftest.py orders them; --no-loadscope-reorder keeps
+# that order): the end-to-end files mostly wait on DVC, MLflow and process start-up.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

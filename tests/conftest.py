@@ -35,6 +35,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ["FOODTRANSFER_PROGRESS"] = "0"
 
 
+# `make test` runs each module whole on one of two workers (--dist loadfile) in this order
+# (--no-loadscope-reorder): the slowest modules first, so that no worker starts a long one
+# when the other is nearly done.
+SLOWEST_FIRST = ("test_team.py", "test_pipeline_e2e.py", "test_sweep_local.py",
+                 "test_faults_pipeline.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
 # --------------------------------------------------------------------------- data fixtures
 
 SAMPLE_CLASSES = ["pizza", "sushi", "tacos"]

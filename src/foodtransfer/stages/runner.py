@@ -91,7 +91,7 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     sys.unraisablehook = _redeliver_swallowed_sigterm(previous_hook)
     started = time.monotonic()
     try:
-        from foodtransfer.tracking.store import check_login
+        from foodtransfer.tracking.uri import check_login
 
         check_login()  # a team server's login, before any work (a no-op on a local store)
         summary = body()
