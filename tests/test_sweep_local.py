@@ -26,7 +26,8 @@ SMALL = merge_params(TINY, {"epochs": 3, "baseline": {"epochs": 1},
 def fresh(tmp_path_factory, standin_weights):
     repo, env = make_repo(tmp_path_factory.mktemp("sweep"), SMALL, standin_weights)
     assert not (repo / "mlruns" / "mlflow.db").exists()  # no store, no experiment yet
-    first = subprocess.run([str(BIN / "foodtransfer"), "sweep", "-S", "seed=1,2",
+    # Over the head's dropout: the driver computes every stage up to the transfer head once.
+    first = subprocess.run([str(BIN / "foodtransfer"), "sweep", "-S", "dropout=0.3,0.5",
                             "--workers", "1"], cwd=repo, env=env, capture_output=True,
                            text=True, timeout=1800)
     run(["git", "add", "-A"], repo, env)
@@ -48,12 +49,13 @@ def test_a_first_sweep_keeps_every_artifact_it_logged(fresh) -> None:
 
     first, repo = fresh["first"], fresh["repo"]
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "compare: compared 2 pipeline runs in 1 configuration" in first.stdout, first.stdout
+    assert "compare: compared 2 pipeline runs in 2 configurations (swept: dropout)" \
+        in first.stdout, first.stdout
     client = client_of(repo)
     experiment = client.get_experiment_by_name("sweep")
     assert experiment.artifact_location == (repo / "mlruns" / "artifacts").as_uri()
     pipelines = client.search_runs([experiment.experiment_id], "tags.run_kind = 'pipeline'")
-    assert sorted(p.data.params["seed"] for p in pipelines) == ["1", "2"]
+    assert sorted(p.data.params["dropout"] for p in pipelines) == ["0.3", "0.5"]
     for pipeline in pipelines:
         listed = {a.path for a in client.list_artifacts(pipeline.info.run_id)}
         assert {"comparison.md", "run.json", "curves.png"} <= listed, listed
