@@ -1,5 +1,5 @@
 # `make repro`: install into .venv and run the whole pipeline (real Food-101; needs internet).
-# `make repro-sample`: the same pipeline offline, on the generated sample.
+# `make repro-sample`: the same pipeline offline and small, on the generated sample.
 # `make seeds`: the comparison over several training seeds (DVC queue), then compare them.
 # `make sweep`: a grid of experiments on a Dask cluster (local by default), then compare them.
 # `make test`: install into .venv and run the test suite (CPU, offline, a few minutes).
@@ -39,18 +39,40 @@ install: $(STAMP)
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
+# `make repro-sample`: the pipeline offline, on the generated sample, small enough for a CPU,
+# on learnable weights made offline (foodtransfer sample-weights; DVC tracks the file).
+SAMPLE_WEIGHTS := weights/sample-mobilenetv2.weights.h5
 repro-sample: $(STAMP)
-	$(BIN)/dvc exp run -S data.source=sample
+	test -f $(SAMPLE_WEIGHTS) || $(BIN)/foodtransfer sample-weights $(SAMPLE_WEIGHTS)
+	$(BIN)/dvc add --quiet $(SAMPLE_WEIGHTS)
+	$(BIN)/dvc exp run -S data.source=sample -S backbone=MobileNetV2 \
+	  -S weights=$(SAMPLE_WEIGHTS) -S image_size=64 -S baseline.image_size=64 -S epochs=20 \
+	  -S baseline.epochs=3 -S finetune.epochs=1
 
 # `make seeds SEEDS=1,2,3 SET="dropout=0.3"`: the whole comparison once per training seed, in
-# DVC's own queue (one worker), then `foodtransfer compare` (reports/experiments.md). Only the
-# training stages and the report re-run: the data and the features do not depend on `seed`.
+# DVC's own queue (one worker), then `foodtransfer compare` (reports/experiments.md) of exactly
+# these experiments (named seeds-<time>-1, -2, ...). Params the workspace changed since the last
+# commit are queued with them: the target prints them first. Only the training stages and the
+# report re-run: the data and the features do not depend on `seed`.
 SEEDS ?= 1,2,3
 SET ?=
 seeds: $(STAMP)
-	$(BIN)/dvc exp run --queue -S 'seed=$(SEEDS)' $(foreach override,$(SET),-S '$(override)')
-	$(BIN)/dvc exp run --run-all -j 1
-	$(BIN)/foodtransfer compare
+	@name=seeds-$$(date +%Y%m%d-%H%M%S); \
+	changed=$$($(BIN)/dvc params diff 2>/dev/null); \
+	if [ -n "$$changed" ]; then \
+	  echo "foodtransfer: params.yaml differs from the last commit; the seeds run with it:"; \
+	  echo "$$changed"; fi; \
+	$(BIN)/dvc exp run --queue -n $$name -S 'seed=$(SEEDS)' \
+	  $(foreach override,$(SET),-S '$(override)') || exit $$?; \
+	$(BIN)/dvc exp run --run-all -j 1; \
+	made=$$($(BIN)/dvc exp list --name-only | grep -E "^$$name-[0-9]+$$" | sort -t- -k4 -n); \
+	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v n="$$name-" \
+	  'index($$2, n) == 1 && $$NF == "Failed" {print $$2}'); \
+	if [ -z "$$made" ]; then echo "foodtransfer: no experiment of $$name succeeded" \
+	  "(dvc queue logs <name> says why)" >&2; exit 1; fi; \
+	$(BIN)/foodtransfer compare $$made || exit $$?; \
+	if [ -n "$$failed" ]; then echo "foodtransfer: failed, left out of the comparison:" \
+	  $$failed "(dvc queue logs <name> says why)" >&2; exit 1; fi
 
 # Two pytest workers, a test file each (--dist loadfile keeps a module's fixtures in one
 # worker), the slowest files first (tests/conftest.py orders them; --no-loadscope-reorder keeps

@@ -268,3 +268,14 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "foodtransfer"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "predict" in result.stdout and "ui" in result.stdout
+
+
+def test_sample_weights_refuses_a_file_name_keras_cannot_write(tmp_path: Path) -> None:
+    """(The weights it writes are the suite's stand-in backbone: tests/standin.py makes them
+    with this command.)"""
+    target = tmp_path / "sample.h5"
+    result = invoke("sample-weights", str(target))
+    assert result.exit_code == 2, result.output
+    assert f"foodtransfer sample-weights: error: {target}: the file name must end in " \
+           ".weights.h5" in result.output
+    assert not list(tmp_path.iterdir())

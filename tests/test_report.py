@@ -254,11 +254,19 @@ def test_registered_model_name_is_validated() -> None:
 
 
 # ----------------------------------------------------------------- with an MLflow store
-class ConstantModel(mlflow.pyfunc.PythonModel):
-    """A stand-in for the Keras pyfunc: registration needs a logged model, not a real one."""
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Keras classifier of the three classes and its class names: what a variant
+    stage logs (promotion rebuilds the production pyfunc around them)."""
+    import keras
 
-    def predict(self, context, model_input, params=None):
-        return pd.DataFrame(np.full((len(model_input), 3), 1 / 3), columns=CLASSES)
+    folder = tmp_path_factory.mktemp("tiny-keras")
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inputs)))
+    model.save(folder / "model.keras")
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    return folder / "model.keras", folder / "classes.json"
 
 
 @pytest.fixture
@@ -276,15 +284,15 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     mlflow.set_tracking_uri(None)
 
 
-def log_variant_run(experiment: str, variant: str) -> str:
+def log_variant_run(experiment: str, variant: str, keras_files: tuple[Path, Path]) -> str:
     """A finished variant run with a logged model and its model_uri tag, as the stages make."""
+    from foodtransfer.tracking.models import log_model
     from foodtransfer.tracking.runs import tracked_run
 
     with tracked_run(experiment, variant, "variant", {"dropout": 0.6},
                      {"data_version": "v"}) as tracked:
-        info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(),
-                                       pip_requirements=["mlflow"])
-        tracked.set_tags({"model_uri": info.model_uri})
+        model_uri = log_model(*keras_files, np.zeros((1, 8, 8, 3), np.uint8))
+        tracked.set_tags({"model_uri": model_uri})
         return tracked.run_id
 
 
@@ -309,11 +317,11 @@ def test_tracked_run_tags_the_run_and_leaves_the_callers_tags_alone(store: Path)
     assert failed.info.status == "FAILED"
 
 
-def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
+def test_report_groups_runs_and_registers_the_champion(store: Path, tiny_keras) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
     params = parse_params({"dropout": 0.3, "mlflow": {"experiment": "unit",
                                                       "registered_model": "food"}})
-    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    run_ids = {variant: log_variant_run("unit", variant, tiny_keras) for variant in VARIANTS}
     paths = write_outputs(store, run_ids)
     summary = run_report(params, paths)
     assert "champion dropout" in summary
@@ -351,7 +359,11 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     production = client.get_experiment_by_name("food-production")
     assert promotion.info.experiment_id == production.experiment_id
     assert promotion.data.tags["candidate_version"] == "1"
-    assert champion.source.startswith(promotion.info.artifact_uri)
+    assert champion.source.startswith("models:/m-")  # a logged model, MLflow 3's way
+    logged = client.get_logged_model(champion.source[len("models:/"):])
+    assert logged.source_run_id == promotion.info.run_id
+    assert logged.experiment_id == \
+        production.experiment_id  # rebuilt there around the candidate's Keras file
     local = Path(mlflow.artifacts.download_artifacts(
         f"models:/food/{champion.version}",
         tracking_uri=f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"))
@@ -361,7 +373,7 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
 
     # A second execution that re-trains only finetune (now the best on validation): the new
     # parent nests only finetune, the others stay with the run that trained them.
-    new_finetune = log_variant_run("unit", "finetune")
+    new_finetune = log_variant_run("unit", "finetune", tiny_keras)
     write_variant(store, "finetune", new_finetune, 0.95, 0.5, first_epoch=4)
     summary = run_report(params, paths)
     assert "groups finetune (reused: baseline, transfer, dropout)" in summary
@@ -387,9 +399,9 @@ def test_report_groups_runs_and_registers_the_champion(store: Path) -> None:
     assert third.tags["pipeline_run_id"] != champion.tags["pipeline_run_id"]
 
 
-def test_report_fails_clearly_on_a_run_missing_from_the_store(store: Path) -> None:
+def test_report_fails_clearly_on_a_run_missing_from_the_store(store: Path, tiny_keras) -> None:
     params = parse_params({"mlflow": {"experiment": "unit"}})
-    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    run_ids = {variant: log_variant_run("unit", variant, tiny_keras) for variant in VARIANTS}
     run_ids["transfer"] = "0" * 32
     paths = write_outputs(store, run_ids)
     with pytest.raises(TrackingError, match=r"run 0{32} of variant 'transfer' .* is not in the "
@@ -398,7 +410,7 @@ def test_report_fails_clearly_on_a_run_missing_from_the_store(store: Path) -> No
     assert not paths.reports.exists()
 
 
-def test_report_stage_script(store: Path) -> None:
+def test_report_stage_script(store: Path, tiny_keras) -> None:
     """pipeline/report.py: the one-line summary, and exit code 2 with one line on bad params."""
     import importlib.util
 
@@ -418,7 +430,8 @@ def test_report_stage_script(store: Path) -> None:
         assert result.exit_code == 2
         assert "report: error: params: mlflow.registered_model = 'a:b'" in result.output
         (store / "params.yaml").write_text("mlflow:\n  experiment: unit\n")
-        write_outputs(store, {variant: log_variant_run("unit", variant) for variant in VARIANTS})
+        write_outputs(store, {variant: log_variant_run("unit", variant, tiny_keras)
+                              for variant in VARIANTS})
         result = CliRunner().invoke(module.app, stage_args("report"))
         assert result.exit_code == 0, result.output
         last = result.stdout.strip().splitlines()[-1]
@@ -430,13 +443,13 @@ def test_report_stage_script(store: Path) -> None:
 
 
 def test_an_experiment_moves_the_challenger_and_a_first_one_the_champion_too(
-        store: Path, monkeypatch) -> None:
+        store: Path, tiny_keras, monkeypatch) -> None:
     """Inside a DVC experiment (DVC_EXP_NAME) the winner gets @challenger of the candidates;
     the champion stays, unless there is none yet. The report says what the registry did. An
     unregistered variant is refused, naming the registry."""
     client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
     params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
-    run_ids = {variant: log_variant_run("unit", variant) for variant in VARIANTS}
+    run_ids = {variant: log_variant_run("unit", variant, tiny_keras) for variant in VARIANTS}
     paths = write_outputs(store, run_ids)
     monkeypatch.setenv("DVC_EXP_NAME", "first-exp")
     first = run_report(params, paths)
@@ -461,14 +474,14 @@ def test_an_experiment_moves_the_challenger_and_a_first_one_the_champion_too(
 
 
 def test_the_alias_moves_after_the_run_ended_and_the_files_landed(
-        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Path, tiny_keras, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill at any point before the alias moves leaves the champion where it was: when it
     moves, the pipeline run has ended FINISHED with its files published and marked so."""
     from foodtransfer.tracking import registry
 
     client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")
     params = parse_params({"mlflow": {"experiment": "unit", "registered_model": "food"}})
-    paths = write_outputs(store, {v: log_variant_run("unit", v) for v in VARIANTS})
+    paths = write_outputs(store, {v: log_variant_run("unit", v, tiny_keras) for v in VARIANTS})
     seen = {}
     real = registry.settle_aliases
 
@@ -509,3 +522,28 @@ def test_a_finished_run_whose_files_never_landed_is_marked_by_the_next_run(
     tags = client.get_run(killed.run_id).data.tags
     assert tags["outputs"] == "lost" and tags["host"] == socket.gethostname()
     assert "before the stage's files landed" in tags["mlflow.note.content"]
+
+
+def test_promotion_rebuilds_the_model_and_refuses_a_keras_file_that_runs_code(
+        store: Path, tmp_path: Path) -> None:
+    """A candidate whose Keras file holds a Lambda layer (Python code Keras would run on
+    loading) is not promoted: only safe-mode Keras files and class names cross over."""
+    import keras
+
+    from foodtransfer.errors import TrackingError
+    from foodtransfer.tracking.registry import copy_to_production
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, 0, :])(inputs))
+    model.save(tmp_path / "lambda.keras")
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    run_id = log_variant_run("unit", "dropout", (tmp_path / "lambda.keras",
+                                                 tmp_path / "classes.json"))
+    client = mlflow.MlflowClient()
+    mlflow.register_model(client.get_run(run_id).data.tags["model_uri"], "food-candidates")
+    with pytest.raises(TrackingError, match="does not load in Keras' safe mode"):
+        copy_to_production("food", "1")
+    assert client.search_model_versions("name = 'food'") == []
+    (promotion,) = client.search_runs(
+        [client.get_experiment_by_name("food-production").experiment_id])
+    assert promotion.info.status == "FAILED"

@@ -254,14 +254,17 @@ def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path
           f"{(before + grown) / 2**20:.0f} MB after")
     assert grown < HOSTILE_RSS_BOUND, f"the server grew by {grown / 2**20:.0f} MB"
     assert post(f"{served['url']}/invocations", good)[0] == 200  # and it still answers
-    # predict: the same limit, exit 2 in one line.
+    # predict: the same limit (ours at 100 MP, PIL's backstop at 324 MP), exit 2 in one line.
     (tmp_path / "bomb.png").write_bytes(bomb)
-    result = subprocess.run([str(BIN / "foodtransfer"), "predict", str(tmp_path / "bomb.png")],
+    (tmp_path / "over.png").write_bytes(over)
+    result = subprocess.run([str(BIN / "foodtransfer"), "predict", str(tmp_path / "bomb.png"),
+                             str(tmp_path / "over.png")],
                             cwd=served["root"], env=project_env(served["root"]),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "declares 324000000 pixels (324 MP)" in result.stderr
+    assert "declares 10000 x 10000 pixels (100 MP)" in result.stderr
 
 
 def _encoded(image, fmt: str, **options) -> bytes:
@@ -303,6 +306,40 @@ def _big_file(folder: Path) -> Path:
     with open(path, "wb") as handle:
         handle.truncate(64 * 1024 * 1024)
     return path
+
+
+def test_requests_beyond_the_in_flight_limit_get_503_before_their_body(served: dict) -> None:
+    """MAX_IN_FLIGHT requests still sending their bodies hold every slot: the next is
+    answered 503 at once; once they are gone a photo is answered again."""
+    import socket
+    from urllib.parse import urlparse
+
+    from foodtransfer.serving import MAX_IN_FLIGHT
+
+    address = urlparse(served["url"])
+    holders = []
+    try:
+        for _ in range(MAX_IN_FLIGHT):
+            holder = socket.create_connection((address.hostname, address.port), timeout=10)
+            holder.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 1000\r\n\r\n{\"inputs\"")
+            holders.append(holder)
+        time.sleep(1)  # the server has read their headers and waits for the rest
+        started = time.monotonic()
+        status, text = post(f"{served['url']}/invocations", b'{"inputs": {"image": []}}')
+        assert status == 503, (status, text)
+        assert "TEMPORARILY_UNAVAILABLE" in text and f"scoring {MAX_IN_FLIGHT} requests" in text
+        assert time.monotonic() - started < 5
+    finally:
+        for holder in holders:
+            holder.close()
+    photo = base64.b64encode((served["images"] / "a.jpg").read_bytes()).decode()
+    good = json.dumps({"inputs": {"image": [photo]}}).encode()
+    deadline = time.monotonic() + 30
+    while (status := post(f"{served['url']}/invocations", good)[0]) == 503:
+        assert time.monotonic() < deadline, "the slots were never released"
+        time.sleep(0.2)
+    assert status == 200
 
 
 def test_the_pyfunc_refuses_bad_input_with_a_clear_error(project: dict) -> None:  # noqa: F811

@@ -272,13 +272,27 @@ def test_only_a_promoter_moves_the_champion(team, tmp_path: Path) -> None:
 
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
         client.set_registered_model_alias(PRODUCTION, "champion", "1")
-    planted = tmp_path / "python_model.pkl"
+    planted = tmp_path / "planted" / "python_model.pkl"
+    planted.parent.mkdir()
     planted.write_bytes(b"not the champion")
     with pytest.raises(Exception, match="403|PERMISSION_DENIED|Permission denied"):
         client.log_artifact(champion.run_id, str(planted), "model")
-    kept = Path(client.download_artifacts(champion.run_id, "model/python_model.pkl",
-                                          str(tmp_path / "back")))
-    assert kept.read_bytes() != b"not the champion"
+    with pytest.raises(Exception, match="403|PERMISSION_DENIED|Permission denied"):
+        client.log_model_artifacts(champion.source[len("models:/"):], str(planted.parent))
+    import mlflow
+
+    mlflow.set_tracking_uri(team["server"].url)
+    try:
+        kept = Path(mlflow.artifacts.download_artifacts(f"models:/{PRODUCTION}@champion",
+                                                        dst_path=str(tmp_path / "back")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (kept / "python_model.pkl").read_bytes() != b"not the champion"
+    # The production model was rebuilt by the promoter's promote (its pyfunc made there around
+    # the candidate's Keras file), not copied: its MLmodel names the production run.
+    import yaml
+
+    assert yaml.safe_load((kept / "MLmodel").read_text())["run_id"] == champion.run_id
 
 
 def test_a_missing_or_refused_login_fails_every_command_fast_in_one_line(team) -> None:
@@ -318,6 +332,16 @@ def test_a_missing_or_refused_login_fails_every_command_fast_in_one_line(team) -
             assert expected in errors[0], (what, result.stderr)
             assert "Traceback" not in result.stderr, (what, result.stderr)
             assert result.returncode == 2, (what, result.returncode)
+    # Logged in, allowed to read the experiment but not to write it (the promoter): the
+    # stages that log stop before any training, in one line (403).
+    promoter = {**team["env"], **login(PROMOTER)}
+    for what in ("stage transfer", "stage report"):
+        result = subprocess.run(commands[what], cwd=a, env=promoter, capture_output=True,
+                                text=True, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(errors) == 1, (what, result.stderr)
+        assert "denied MLFLOW_TRACKING_USERNAME='promoter' writing to the experiment 'e2e' " \
+               "(403 permission denied)" in errors[0], (what, result.stderr)
     assert (a / "dvc.lock").read_bytes() == lock_before
     assert _champion(team["server"]) == "1"
 

@@ -218,13 +218,15 @@ def promote(
     reference: str = typer.Argument(..., metavar="VERSION|RUN_ID|EXP_NAME",
                                     help="A candidate's version number (of "
                                          "<mlflow.registered_model>-candidates), the MLflow "
-                                         "run id it came from, or a DVC experiment name."),
+                                         "run id it came from, or a DVC experiment name (on "
+                                         "a tracking server: the version number only)."),
     params: Path = typer.Option(Path("params.yaml"),
                                 help="Where the registered model's name is read."),
 ) -> None:
-    """Copy a candidate version into the production model and point its @champion at the
-    copy (what predict, serve and demo use), after a paired comparison with the champion it
-    replaces on the validation images."""
+    """Copy a candidate version into the production model (its Keras model and class names,
+    in this installation's pyfunc) and point its @champion at the copy (what predict, serve
+    and demo use), after a paired comparison with the champion it replaces on the validation
+    images."""
     with _user_errors("promote"):
         from foodtransfer.promote import promote as promote_version
         from foodtransfer.tracking.store import connect_existing
@@ -330,6 +332,26 @@ def export(
                "(n, size, size, 3), pixels 0..255 -> class probabilities; class names in "
                "assets.extra/classes.json)")
     typer.echo(tf_serving_hint(out))
+
+
+@app.command("sample-weights")
+def sample_weights(
+    out: Path = typer.Argument(Path("weights/sample-mobilenetv2.weights.h5"),
+                               help="The weights file to write (in weights/, for DVC)."),
+) -> None:
+    """Make learnable MobileNetV2 weights offline (pretrained on 8 generated classes, about 20
+    s on 2 cores): what `make repro-sample` and the tutorial use instead of ImageNet's."""
+    prepare_tensorflow()
+    with _user_errors("sample-weights"):
+        if not out.name.endswith(".weights.h5"):
+            raise UserError(f"{out}: the file name must end in .weights.h5 (Keras' weights "
+                            "format), e.g. weights/sample-mobilenetv2.weights.h5.")
+        from foodtransfer.models.sample_weights import SOURCE_CLASSES, pretrain
+
+        accuracy = pretrain(out)
+    typer.echo(f"wrote {out}: MobileNetV2 pretrained on {SOURCE_CLASSES} generated classes "
+               f"(training accuracy {accuracy:.2f}); use it with -S backbone=MobileNetV2 "
+               f"-S weights={out} (dvc add {out} to track it)")
 
 
 def _model_on_free_port(model_uri: str | None, params: Path, host: str, port: int) -> str:

@@ -21,7 +21,6 @@ from pathlib import Path
 from foodtransfer.errors import UserError
 
 TOP_K = 5
-REPORT_ARTIFACTS = ("comparison.md", "errors.png")
 AUTH_ENV = "FOODTRANSFER_DEMO_AUTH"  # user:password: Gradio asks for that login
 MAX_FILE_SIZE = "40mb"  # an upload over this is refused by Gradio before it is read whole
 
@@ -54,17 +53,23 @@ def report_for(model_uri: str, project: Path, scratch: Path) -> Report:
     else the project's ``reports/`` folder, else a note that there is none."""
     import mlflow
 
-    from foodtransfer.tracking.registry import registered_version
+    from foodtransfer.tracking.registry import (CANDIDATE_TAG, PIPELINE_RUN_TAG,
+                                                REPORT_ARTIFACTS, REPORT_FOLDER,
+                                                registered_version)
 
     try:
         version = registered_version(model_uri)
         if version is not None:
             name = model_uri[len("models:/"):].split("@")[0].split("/")[0]
-            tags = mlflow.MlflowClient().get_model_version(name, version).tags
-            run_id = tags.get("pipeline_run_id")
+            found = mlflow.MlflowClient().get_model_version(name, version)
+            # A production version: the report promotion copied beside it (the pipeline run
+            # stays writable by its trainers); a candidate: its pipeline run's.
+            copied = CANDIDATE_TAG in found.tags
+            run_id = found.run_id if copied else found.tags.get(PIPELINE_RUN_TAG)
+            folder = f"{REPORT_FOLDER}/" if copied else ""
             if run_id:
                 files = {artifact: Path(mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=artifact, dst_path=str(scratch)))
+                    run_id=run_id, artifact_path=folder + artifact, dst_path=str(scratch)))
                     for artifact in REPORT_ARTIFACTS}
                 return Report(files["comparison.md"].read_text(), files["errors.png"],
                               f"the report of pipeline run {run_id} (version {version})")

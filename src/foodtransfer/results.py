@@ -114,8 +114,9 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
         "seconds_per_epoch": round(history.seconds_per_epoch, 4),
         **extra,
     }
-    write_text(paths.metrics, json.dumps({**metrics, "per_class": test.per_class}, indent=2)
-               + "\n")
+    # The numbers users compare (dvc exp show, dvc metrics diff); per-class detail is an
+    # artifact (per_class.json), which keeps DVC's table readable.
+    write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
     write_text(paths.plots / "history.csv", history_csv(history.rows))
     write_text(paths.plots / "predictions.csv", predictions_csv(
         splits["test"], test.predicted, probabilities["test"], class_names))
@@ -127,6 +128,7 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
                                                  f"{test.metrics['test_accuracy']:.3f})")],
                                class_names, tmp / "confusion.png")
         (tmp / "classification_report.txt").write_text(test.report_text)
+        (tmp / "per_class.json").write_text(json.dumps(test.per_class, indent=2) + "\n")
         (tmp / "val_predictions.csv").write_text(predictions_csv(
             splits["val"], validation.predicted, probabilities["val"], class_names))
         (tmp / "classes.json").write_text(json.dumps(class_names, indent=1) + "\n")
@@ -136,7 +138,7 @@ def write_results(variant: str, paths: VariantPaths, class_names: list[str], run
     run.log_metrics({k: v for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for name in ("learning_curves.png", "confusion.png", "classification_report.txt",
-                 "classes.json", "val_predictions.csv"):
+                 "per_class.json", "classes.json", "val_predictions.csv"):
         run.log_artifact(paths.artifacts / name)
     for name in ("history.csv", "predictions.csv"):
         run.log_artifact(paths.plots / name, "dvc_plots")

@@ -26,6 +26,9 @@ MAX_REQUEST_BYTES = 40 * 1024 * 1024
 MAX_REQUEST_ENV = "FOODTRANSFER_MAX_REQUEST_BYTES"
 MODEL_PATH_ENV = "__pyfunc_model_path__"  # what MLflow's scoring app loads (its own variable)
 BODY_DEADLINE_S = 60.0  # a body not received (or drained) within this is answered 408
+# Requests with a body read and scored at once; more get 503 (Retry-After: 1) before their body
+# is read: each holds up to the body limit, and JSON pixel arrays several times that parsed.
+MAX_IN_FLIGHT = 4
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -58,14 +61,26 @@ class BodyLimit:
 
     DRAIN_FACTOR = 8
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)  # /ping, /health, /version: no body
             return
+        if self.in_flight >= self.max_in_flight:
+            await self._refuse(send, 0, status=503)
+            return
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _limited(self, scope, receive, send) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
@@ -125,17 +140,22 @@ class BodyLimit:
 
     async def _refuse(self, send, size: int, at_least: bool = False,
                       status: int = 413) -> None:
-        message = (f"the request body is {'over ' if at_least else ''}{size} bytes, over the "
-                   f"server's limit of {self.max_bytes} bytes ({MAX_REQUEST_ENV}); send fewer "
-                   "or smaller photos per request") if status == 413 else (
-            f"the request body did not arrive within {BODY_DEADLINE_S:.0f} s ({size} bytes "
-            "received)")
-        text = json.dumps({"error_code": "REQUEST_TOO_LARGE" if status == 413
-                           else "REQUEST_TIMEOUT", "message": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(text)).encode()),
-                                (b"connection", b"close")]})
+        code, message = {
+            413: ("REQUEST_TOO_LARGE",
+                  f"the request body is {'over ' if at_least else ''}{size} bytes, over the "
+                  f"server's limit of {self.max_bytes} bytes ({MAX_REQUEST_ENV}); send fewer "
+                  "or smaller photos per request"),
+            408: ("REQUEST_TIMEOUT", f"the request body did not arrive within "
+                                     f"{BODY_DEADLINE_S:.0f} s ({size} bytes received)"),
+            503: ("TEMPORARILY_UNAVAILABLE",
+                  f"the server is scoring {self.max_in_flight} requests already (its limit); "
+                  "retry in a second")}[status]
+        text = json.dumps({"error_code": code, "message": message}).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(text)).encode()), (b"connection", b"close")]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": text})
 
 

@@ -91,7 +91,7 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     sys.unraisablehook = _redeliver_swallowed_sigterm(previous_hook)
     started = time.monotonic()
     try:
-        from foodtransfer.tracking.uri import check_login
+        from foodtransfer.tracking.uri import check_login, login_error, tracking_uri
 
         check_login()  # a team server's login, before any work (a no-op on a local store)
         summary = body()
@@ -108,6 +108,12 @@ def run_stage(name: str, body: Callable[[], str]) -> None:
     except Terminated as error:
         typer.secho(f"{name}: {error}; partial outputs removed", err=True, fg=typer.colors.RED)
         raise typer.Exit(143) from None
+    except Exception as error:  # a tracking server refused a call (a permission): one line
+        problem = login_error(error, tracking_uri())
+        if problem is None:
+            raise
+        typer.secho(f"{name}: error: {problem}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook

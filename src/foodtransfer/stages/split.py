@@ -39,9 +39,11 @@ def split(trimmed_dir: Path, out_dir: Path, metrics_path: Path, *, val_fraction:
         for name, frame in frames.items():
             frame[["store", "index", "image_id", "class_name", "label"]].to_csv(
                 tmp / f"{name}.csv", index=False)
+        # Images per class and split: beside the manifests, not in the metrics file (DVC would
+        # show each count as a column of dvc exp show).
+        (tmp / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
     summary = {f"{name}_images": int(len(frame)) for name, frame in frames.items()}
     summary["classes"] = int(per_class.size)
-    summary["per_class"] = counts
     write_text(metrics_path, json.dumps(summary, indent=2) + "\n")
     return counts
 

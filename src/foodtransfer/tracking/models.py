@@ -33,6 +33,7 @@ import pandas as pd
 # not call overhead, sets the size (rows of cached features take FEATURE_BATCH in hyperrule).
 IMAGE_BATCH = 32
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run_id>/model
+KERAS_ARTIFACT, NAMES_ARTIFACT = "keras_model", "class_names"  # the pyfunc's artifacts
 
 
 ENCODED_COLUMN = "image"  # the column of encoded images (MLflow type binary)
@@ -152,8 +153,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
         import tensorflow as tf
 
-        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
-        with open(context.artifacts["class_names"]) as handle:
+        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        with open(context.artifacts[NAMES_ARTIFACT]) as handle:
             self.class_names = json.load(handle)
         # One traced forward pass for any batch size, traced here rather than on the first
         # request: Keras' predict() builds a tf.data pipeline per call (hundreds of ms) and an
@@ -222,7 +223,7 @@ def log_model(model_path: Path, class_names_path: Path, example: Any) -> str:
     with _quiet_mlflow():
         info = retry_on_lock(mlflow.pyfunc.log_model)(
             name=MODEL_NAME, python_model=ImageClassifierModel(),  # unloaded: pickles small
-            artifacts={"keras_model": str(model_path), "class_names": str(class_names_path)},
+            artifacts={KERAS_ARTIFACT: str(model_path), NAMES_ARTIFACT: str(class_names_path)},
             code_paths=[str(Path(foodtransfer.__file__).parent)],
             pip_requirements=pip_requirements(),
             signature=signature, input_example=np.clip(example, 0, 255).astype("uint8"),

@@ -18,8 +18,11 @@ server's permissions then say who may (EDIT on the production model: docs/scale.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from foodtransfer.errors import TrackingError
@@ -31,9 +34,11 @@ CHALLENGER_ALIAS = "challenger"
 
 CANDIDATES_SUFFIX = "-candidates"
 PRODUCTION_SUFFIX = "-production"  # the experiment holding the production model's files
-PRODUCTION_ARTIFACT = "model"
 CANDIDATE_TAG = "candidate_version"  # on a production version: the candidate it copies
 CANDIDATE_RUN_TAG = "candidate_run_id"  # ... and the variant run that candidate came from
+PIPELINE_RUN_TAG = "pipeline_run_id"  # on a version: the pipeline run that registered it
+REPORT_FOLDER = "report"  # in a production version's run: its pipeline run's report
+REPORT_ARTIFACTS = ("comparison.md", "errors.png")
 
 
 def champion_uri(registered_model: str) -> str:
@@ -118,21 +123,21 @@ def production_experiment(name: str) -> str:
 
 
 def copy_to_production(name: str, candidate_version: str, create: bool = True) -> str:
-    """Promote version ``candidate_version`` of the candidates model: copy its model's files
-    into a run of the production experiment (:func:`production_experiment`, created when
-    ``create``), register them as a new version of the production model ``name`` (created if
+    """Promote version ``candidate_version`` of the candidates model: rebuild its model in a
+    run of the production experiment (:func:`production_experiment`, created when
+    ``create``), register it as a new version of the production model ``name`` (created if
     need be) with the candidate's tags plus ``candidate_version`` and ``candidate_run_id``,
-    and point ``@champion`` at it. Returns the new version. The files are copied, not
-    referenced: the candidate's stay writable by whoever may write its experiment, the
-    production copy only by who may write the production experiment. The caller holds the
-    alias lock where there is one."""
-    import contextlib
+    copy its pipeline run's report beside it, and point ``@champion`` at it. Returns the new
+    version. The candidate's files are writable by whoever may write its experiment, and its
+    pickled pyfunc and code would run in ``serve``: only its Keras model (loaded in Keras' safe
+    mode, which runs no code from the file) and its class names are taken; the pyfunc around
+    them is this installation's (:func:`rebuild_model`). The caller holds the alias lock
+    where there is one."""
     import io
     import tempfile
 
     import mlflow
 
-    from foodtransfer.errors import TrackingError
     from foodtransfer.tracking.store import EXPERIMENT_TAGS, artifact_location, tracking_uri
 
     client = mlflow.MlflowClient()
@@ -164,20 +169,85 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
         with tempfile.TemporaryDirectory(prefix="foodtransfer-promote-") as scratch:
             local = mlflow.artifacts.download_artifacts(
                 f"models:/{candidates}/{candidate_version}", dst_path=scratch)
-            retry_on_lock(client.log_artifacts)(run_id, local, PRODUCTION_ARTIFACT)
+            with _in_run(run_id, experiment_id):
+                model_uri = rebuild_model(Path(local))
+            pipeline_run = source.tags.get(PIPELINE_RUN_TAG)
+            if pipeline_run:
+                for artifact in REPORT_ARTIFACTS:
+                    with contextlib.suppress(Exception):  # a report is shown, not required
+                        report = mlflow.artifacts.download_artifacts(
+                            run_id=pipeline_run, artifact_path=artifact, dst_path=scratch)
+                        retry_on_lock(client.log_artifact)(run_id, report, REPORT_FOLDER)
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow narrates the registration
-            copied = retry_on_lock(mlflow.register_model)(
-                f"runs:/{run_id}/{PRODUCTION_ARTIFACT}", name, tags=tags)
+            copied = retry_on_lock(mlflow.register_model)(model_uri, name, tags=tags)
         set_alias(name, CHAMPION_ALIAS, str(copied.version))
     except BaseException:
-        # No version without the alias: a promotion happens whole or not at all.
+        # No version without the alias: a promotion happens whole or not at all. (On a team
+        # server deleting a version needs MANAGE on the model: where the promoter has EDIT
+        # only, the version stays, without the alias, and nothing loads it by default.)
         with contextlib.suppress(Exception):
             if copied is not None:
                 client.delete_model_version(name, str(copied.version))
+        with contextlib.suppress(Exception):
             client.set_terminated(run_id, "FAILED")
         raise
     retry_on_lock(client.set_terminated)(run_id)
     return str(copied.version)
+
+
+@contextlib.contextmanager
+def _in_run(run_id: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's fluent calls log to run ``run_id`` of experiment ``experiment_id`` for the
+    block (nested in the active run, if any), then to what they logged to before."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    previous = fluent._active_experiment_id  # MLflow refuses a run of another experiment
+    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            yield
+    finally:
+        if previous is None:
+            fluent._active_experiment_id = None
+        else:
+            mlflow.set_experiment(experiment_id=previous)
+
+
+def rebuild_model(local: Path) -> str:
+    """Log to the active run a pyfunc made by this installation around the Keras model and
+    the class names of the logged model in ``local`` (what MLflow downloaded), refusing a
+    model whose Keras file asks to run code; returns the new model's URI."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    from foodtransfer.tracking.models import KERAS_ARTIFACT, NAMES_ARTIFACT, log_model
+
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    paths = {key: local / value["path"] if isinstance(value, dict) else local / value
+             for key, value in (flavor.get("artifacts") or {}).items()}
+    keras_file, names_file = paths.get(KERAS_ARTIFACT), paths.get(NAMES_ARTIFACT)
+    if keras_file is None or names_file is None or not keras_file.is_file():
+        raise TrackingError(f"the candidate's model has no {KERAS_ARTIFACT!r} and "
+                            f"{NAMES_ARTIFACT!r} artifacts: it was not logged by this "
+                            "pipeline, and is not promoted.")
+    class_names = json.loads(names_file.read_text())
+    if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+        raise TrackingError("the candidate's class names are not a list of names: it is not "
+                            "promoted.")
+    import keras
+
+    import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
+
+    try:
+        model = keras.saving.load_model(keras_file, compile=False, safe_mode=True)
+    except Exception as error:
+        raise TrackingError(f"the candidate's Keras model does not load in Keras' safe mode "
+                            f"({type(error).__name__}: {error}): it is not promoted.") from None
+    side = int(model.input_shape[1])
+    return log_model(keras_file, names_file, np.zeros((1, side, side, 3), np.uint8))
 
 
 def registered_version(model_uri: str) -> str | None:

@@ -87,8 +87,9 @@ def _check_default_store(store: Path) -> None:
 
 # MLflow's UI opens an experiment without a kind on its GenAI traces view: mark ours as model
 # training, so it opens on the runs.
+KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {
-    "mlflow.experimentKind": "custom_model_development",
+    KIND_TAG: "custom_model_development",
     # The experiment's description in the UI (markdown).
     "mlflow.note.content": (
         "foodtransfer: how much ImageNet transfer learning helps on Food-101 photographs. "
@@ -212,7 +213,9 @@ def connect(experiment: str) -> str:
                 experiment_id = found.experiment_id
                 _check_artifact_location(found.artifact_location, experiment)
                 for key, value in EXPERIMENT_TAGS.items():  # an experiment of an older version
-                    if found.tags.get(key) != value:
+                    # On a server, the kind's tag is written each time: a login that may read
+                    # the experiment but not write it fails here, before any training (403).
+                    if found.tags.get(key) != value or (is_http(uri) and key == KIND_TAG):
                         retry_on_lock(client.set_experiment_tag)(experiment_id, key, value)
             else:
                 location = artifact_location(uri)
@@ -233,7 +236,7 @@ def connect(experiment: str) -> str:
     except TrackingError:
         raise
     except Exception as error:
-        problem = login_error(error, uri, f"the experiment {experiment!r}")
+        problem = login_error(error, uri, f"writing to the experiment {experiment!r}")
         if problem is not None:
             raise problem from None
         raise TrackingError(
