@@ -484,3 +484,34 @@ def test_split_val_fraction_too_large_is_a_data_error(sample_trimmed_dir: Path,
     with pytest.raises(DataError, match="data.val_fraction = 0.95"):
         run_split(sample_trimmed_dir, tmp_path, val_fraction=0.95)
     assert not (tmp_path / "split").exists()
+
+
+def test_decode_rules_for_what_is_not_a_plain_photo(tmp_path: Path) -> None:
+    """16-bit grey is scaled to 8 bits (not clipped to white); 32-bit integer pixels, an
+    animated GIF and EPS are refused undecoded; the pixel limit holds at its boundary."""
+    import io
+
+    from PIL import Image
+
+    from foodtransfer.data.images import MAX_PIXELS, too_many_pixels
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    grey16 = Image.fromarray(np.full((8, 8), 40_000, np.uint16))  # mode I;16
+    decoded = decode_image(encoded(grey16, "PNG"), 8)
+    assert decoded.pixels is not None and (decoded.pixels == 40_000 >> 8).all()
+    wide = Image.fromarray(np.full((8, 8), 7, np.int32), "I")
+    refused = decode_image(encoded(wide, "TIFF"), 8)
+    assert refused.pixels is None and "32-bit 'I' pixels" in refused.reason
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    animated = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    refused = decode_image(animated, 8)
+    assert refused.pixels is None and "an animated GIF (2 frames)" in refused.reason
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    refused = decode_image(eps, 8)
+    assert refused.pixels is None and "not an image in a photo format" in refused.reason
+    assert too_many_pixels(6_000, 10_000) is None and 6_000 * 10_000 == MAX_PIXELS
+    assert "(60 MP), over the limit of 60 MP" in too_many_pixels(6_001, 10_000)
