@@ -45,6 +45,7 @@ SAMPLE_WEIGHTS := weights/sample-mobilenetv2.weights.h5
 repro-sample: $(STAMP)
 	test -f $(SAMPLE_WEIGHTS) || $(BIN)/foodtransfer sample-weights $(SAMPLE_WEIGHTS)
 	$(BIN)/dvc add --quiet $(SAMPLE_WEIGHTS)
+	git add $(SAMPLE_WEIGHTS).dvc $(dir $(SAMPLE_WEIGHTS)).gitignore  # queued experiments get it
 	$(BIN)/dvc exp run -S data.source=sample -S backbone=MobileNetV2 \
 	  -S weights=$(SAMPLE_WEIGHTS) -S image_size=64 -S baseline.image_size=64 -S epochs=20 \
 	  -S baseline.epochs=3 -S finetune.epochs=1

@@ -339,8 +339,8 @@ def sample_weights(
     out: Path = typer.Argument(Path("weights/sample-mobilenetv2.weights.h5"),
                                help="The weights file to write (in weights/, for DVC)."),
 ) -> None:
-    """Make learnable MobileNetV2 weights offline (pretrained on 8 generated classes, about 20
-    s on 2 cores): what `make repro-sample` and the tutorial use instead of ImageNet's."""
+    """Make learnable MobileNetV2 weights offline (pretrained on 8 generated classes, under a
+    minute on 2 cores): what `make repro-sample` and the tutorial use instead of ImageNet's."""
     prepare_tensorflow()
     with _user_errors("sample-weights"):
         if not out.name.endswith(".weights.h5"):

@@ -7,8 +7,10 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +76,38 @@ def prepare_tensorflow() -> None:
             libc.mallopt(M_ARENA_MAX, 2)
         except (OSError, AttributeError):  # not glibc (musl, ...): nothing to cap
             pass
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
+        _import_tensorflow_quietly()
+
+
+# What TensorFlow's C++ prints on import whatever TF_CPP_MIN_LOG_LEVEL says (absl logs before
+# it is initialised): a note on oneDNN's round-off, twice, each after absl's preamble.
+_IMPORT_NOTICES = re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\)|"
+                             r"^I0000 .*port\.cc:\d+\] oneDNN custom operations are on")
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow now, with fd 2 caught: its start-up notices (:data:`_IMPORT_NOTICES`)
+    are dropped, anything else it writes is passed on. Without TensorFlow nothing happens here
+    (the stage's own import then fails with its one-line error)."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not _IMPORT_NOTICES.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def run_stage(name: str, body: Callable[[], str]) -> None:
