@@ -66,9 +66,9 @@ seeds: $(STAMP)
 	$(BIN)/dvc exp run --queue -n $$name -S 'seed=$(SEEDS)' \
 	  $(foreach override,$(SET),-S '$(override)') || exit $$?; \
 	$(BIN)/dvc exp run --run-all -j 1; \
-	made=$$($(BIN)/dvc exp list --name-only | grep -E "^$$name-[0-9]+$$" | sort -t- -k4 -n); \
-	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v n="$$name-" \
-	  'index($$2, n) == 1 && $$NF == "Failed" {print $$2}'); \
+	made=$$($(BIN)/dvc exp list --name-only | grep -E "^$$name(-[0-9]+)?$$" | sort -t- -k4 -n); \
+	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v n="$$name" \
+	  '($$2 == n || index($$2, n "-") == 1) && $$NF == "Failed" {print $$2}'); \
 	if [ -z "$$made" ]; then echo "foodtransfer: no experiment of $$name succeeded" \
 	  "(dvc queue logs <name> says why)" >&2; exit 1; fi; \
 	$(BIN)/foodtransfer compare $$made || exit $$?; \

@@ -547,3 +547,22 @@ def test_promotion_rebuilds_the_model_and_refuses_a_keras_file_that_runs_code(
     (promotion,) = client.search_runs(
         [client.get_experiment_by_name("food-production").experiment_id])
     assert promotion.info.status == "FAILED"
+
+
+def test_promotion_reads_only_files_inside_the_candidates_model(tmp_path: Path) -> None:
+    """A candidate's MLmodel (which its trainer may rewrite) whose artifacts point outside the
+    downloaded model is refused before anything is read."""
+    from foodtransfer.errors import TrackingError
+    from foodtransfer.tracking.registry import rebuild_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "secret.json").write_text(json.dumps(CLASSES))
+    (model / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    artifacts:\n"
+        "      keras_model: {path: ../secret.json}\n      class_names: {path: ../secret.json}\n")
+    with pytest.raises(TrackingError, match="its artifacts point outside the model"):
+        rebuild_model(model)
+    (model / "MLmodel").write_text("flavors: {}\n")
+    with pytest.raises(TrackingError, match="is not what this pipeline logs"):
+        rebuild_model(model)

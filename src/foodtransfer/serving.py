@@ -72,6 +72,12 @@ class BodyLimit:
             await self.app(scope, receive, send)  # /ping, /health, /version: no body
             return
         if self.in_flight >= self.max_in_flight:
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                # Read and drop the body (bounded), so that the client reads the 503 rather
+                # than a reset connection.
+                await self._drain(receive, 0,
+                                  asyncio.get_running_loop().time() + BODY_DEADLINE_S)
             await self._refuse(send, 0, status=503)
             return
         self.in_flight += 1  # one event loop: no lock needed

@@ -3,6 +3,7 @@ clean exits on user errors and SIGTERM, and one summary line at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -93,7 +94,12 @@ def _import_tensorflow_quietly() -> None:
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to catch (2>&-): import it plainly
+        with contextlib.suppress(ImportError):
+            import tensorflow  # noqa: F401
+        return
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:

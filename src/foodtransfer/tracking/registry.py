@@ -189,7 +189,7 @@ def copy_to_production(name: str, candidate_version: str, create: bool = True) -
             if copied is not None:
                 client.delete_model_version(name, str(copied.version))
         with contextlib.suppress(Exception):
-            client.set_terminated(run_id, "FAILED")
+            retry_on_lock(client.set_terminated)(run_id, "FAILED")
         raise
     retry_on_lock(client.set_terminated)(run_id)
     return str(copied.version)
@@ -202,16 +202,21 @@ def _in_run(run_id: str, experiment_id: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking import fluent
 
-    previous = fluent._active_experiment_id  # MLflow refuses a run of another experiment
-    mlflow.set_experiment(experiment_id=experiment_id)
+    # MLflow refuses to resume a run of another experiment than the active one: make it
+    # active for the block, then put back what was there (no call to the store).
+    previous = fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
+    fluent._active_experiment_id = experiment_id
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with retry_on_lock(mlflow.start_run)(run_id=run_id,
+                                             nested=mlflow.active_run() is not None):
             yield
     finally:
-        if previous is None:
-            fluent._active_experiment_id = None
+        fluent._active_experiment_id = previous[0]
+        if previous[1] is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         else:
-            mlflow.set_experiment(experiment_id=previous)
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous[1]
 
 
 def rebuild_model(local: Path) -> str:
@@ -225,18 +230,21 @@ def rebuild_model(local: Path) -> str:
 
     from foodtransfer.tracking.models import KERAS_ARTIFACT, NAMES_ARTIFACT, log_model
 
-    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    paths = {key: local / value["path"] if isinstance(value, dict) else local / value
-             for key, value in (flavor.get("artifacts") or {}).items()}
-    keras_file, names_file = paths.get(KERAS_ARTIFACT), paths.get(NAMES_ARTIFACT)
-    if keras_file is None or names_file is None or not keras_file.is_file():
-        raise TrackingError(f"the candidate's model has no {KERAS_ARTIFACT!r} and "
-                            f"{NAMES_ARTIFACT!r} artifacts: it was not logged by this "
-                            "pipeline, and is not promoted.")
-    class_names = json.loads(names_file.read_text())
+    refused = ("the candidate's model is not what this pipeline logs ({}): it is not "
+               "promoted.")
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        paths = {key: (local / (value["path"] if isinstance(value, dict) else value)).resolve()
+                 for key, value in (flavor.get("artifacts") or {}).items()}
+        keras_file, names_file = paths[KERAS_ARTIFACT], paths[NAMES_ARTIFACT]
+        inside = local.resolve()
+        if inside not in keras_file.parents or inside not in names_file.parents:
+            raise ValueError("its artifacts point outside the model")  # a rewritten MLmodel
+        class_names = json.loads(names_file.read_text())
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as error:
+        raise TrackingError(refused.format(f"{type(error).__name__}: {error}")) from None
     if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
-        raise TrackingError("the candidate's class names are not a list of names: it is not "
-                            "promoted.")
+        raise TrackingError(refused.format("its class names are not a list of names"))
     import keras
 
     import foodtransfer.models.classifiers  # noqa: F401  (registers the model's layers)
@@ -246,7 +254,10 @@ def rebuild_model(local: Path) -> str:
     except Exception as error:
         raise TrackingError(f"the candidate's Keras model does not load in Keras' safe mode "
                             f"({type(error).__name__}: {error}): it is not promoted.") from None
-    side = int(model.input_shape[1])
+    try:
+        side = int(model.input_shape[1])
+    except (TypeError, IndexError):
+        raise TrackingError(refused.format(f"input shape {model.input_shape}")) from None
     return log_model(keras_file, names_file, np.zeros((1, side, side, 3), np.uint8))
 
 
