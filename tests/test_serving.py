@@ -254,7 +254,8 @@ def test_photos_are_bounded_before_they_are_decoded(served: dict, tmp_path: Path
           f"{(before + grown) / 2**20:.0f} MB after")
     assert grown < HOSTILE_RSS_BOUND, f"the server grew by {grown / 2**20:.0f} MB"
     assert post(f"{served['url']}/invocations", good)[0] == 200  # and it still answers
-    # predict: the same limit (ours at 100 MP, PIL's backstop at 324 MP), exit 2 in one line.
+    # predict: the same limit (our header check refuses the 100 MP PNG, PIL's backstop the
+    # 324 MP one), exit 2 in one line.
     (tmp_path / "bomb.png").write_bytes(bomb)
     (tmp_path / "over.png").write_bytes(over)
     result = subprocess.run([str(BIN / "foodtransfer"), "predict", str(tmp_path / "bomb.png"),
